@@ -1,0 +1,172 @@
+"""
+The policy: a Qwen2.5-VL model, its processor, and the attention-policy capture of RAL (Eq. 2).
+
+load(name_or_path)  -> model, processor   a hub id or a local folder, through from_pretrained
+build_tiny(...)     -> model, processor   a random tiny Qwen2.5-VL with a locally trained tokenizer (offline)
+policy_forward(...)                        one forward -> response log-probs and the attention policy p^t
+
+The capture: every attention layer keeps running SDPA; for the final text layer only, our kernel also computes
+the head-averaged softmax of the response query rows (a B x R x T matrix), drops each token's weight on itself
+and renormalizes (Eq. 2). It is exactly eager attention's weights for those rows, differentiable, and the layer's
+output is untouched.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
+# Qwen2.5-VL's chat format, reduced to what the project uses (system/user/assistant, images and videos).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@dataclass
+class Processor:
+    """Tokenizer + image processor. (transformers' Qwen2_5_VLProcessor insists on a video processor, which needs
+    torchvision; data.py turns video frames into patches itself with the image processor's constants.)"""
+    tokenizer: object
+    image_processor: Qwen2VLImageProcessorPil
+
+    def save_pretrained(self, path):
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def load_processor(path):
+    return Processor(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+
+
+def load(name_or_path, device="cpu", dtype=None):
+    """A Qwen2.5-VL checkpoint (hub id or folder): bf16 on GPU, fp32 on CPU, capture kernel on, vision frozen."""
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    return prepare(model.to(device)), load_processor(name_or_path)
+
+
+def build_tokenizer(vocab_size=1024):
+    """A byte-level BPE tokenizer trained here, on the vocabulary of the project's prompts and answers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    words = ("the a an of in on at is are which what where how many colour color shape object target small large "
+             "red green blue yellow purple orange white black gray circle square triangle star cross diamond "
+             "left right top bottom middle center corner frame video image picture find look answer question "
+             "options choose letter number count first last second third only one two three four five "
+             "locate located found see there it its with and or not none "
+             "<think> </think> <answer> </answer> A. B. C. D. A B C D system user assistant "
+             "You are a helpful assistant. Think step by step, then answer. 0 1 2 3 4 5 6 7 8 9 , . ? : ( )").split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny(layers=4, hidden=128, heads=4, kv_heads=2, vision_depth=2, vision_hidden=64, seed=0,
+               min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 1024):
+    """A random tiny Qwen2.5-VL, built offline and seeded, with its processor. Same architecture as the real one."""
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    mrope = [head_dim // 8, head_dim // 16 * 3, head_dim // 16 * 3]  # temporal, height, width; sums to head_dim/2
+    mrope[0] += head_dim // 2 - sum(mrope)
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope),
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                  out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], window_size=112)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    config.eos_token_id, config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    return prepare(model), Processor(tokenizer, image_processor)
+
+
+def prepare(model):
+    """Freeze the vision encoder and merger (the paper trains only the LLM); switch every layer to our kernel."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    model.set_attn_implementation("ral_sdpa")
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention-policy capture (Eq. 2)
+
+def ral_sdpa(module, query, key, value, attention_mask, capture=None, **kwargs):
+    """SDPA for every layer. When the caller passes capture=dict(rows=R) and this is the last text layer, also put
+    into capture["p"] the attention policy p^t of the last R query rows: head mean, self weight dropped, renormalized.
+    """
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
+        capture["p"] = attention_policy(query, repeat_kv(key, module.num_key_value_groups), attention_mask,
+                                        capture["rows"], kwargs.get("scaling", module.scaling))
+    return out
+
+
+def attention_policy(query, key, attention_mask, rows, scaling):
+    """query B x H x T x d (after rotary), key B x H x T x d, attention_mask: None (plain causal) or SDPA's boolean
+    B x 1 x T x T (True = may attend) or additive float mask. Returns B x rows x T: p^t over keys, zero at t and after.
+    """
+    T = key.shape[2]
+    q = query[:, :, T - rows:]
+    scores = torch.matmul(q.float(), key.float().transpose(2, 3)) * scaling       # B x H x R x T
+    t = torch.arange(T - rows, T, device=q.device)                                # absolute position of each row
+    allowed = torch.arange(T, device=q.device)[None, :] <= t[:, None]             # causal, R x T
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        allowed = allowed & attention_mask[:, :, T - rows:]
+    elif attention_mask is not None:
+        scores = scores + attention_mask[:, :, T - rows:].float()
+    alpha = scores.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)       # eager weights, head mean
+    alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=q.device), 0.0)  # drop the weight on itself
+    return alpha / alpha.sum(-1, keepdim=True)                                    # renormalize over keys < t
+
+
+AttentionInterface.register("ral_sdpa", ral_sdpa)
+AttentionMaskInterface.register("ral_sdpa", sdpa_mask)
+
+
+def policy_forward(model, batch, response_len, attention=True):
+    """One forward over prompt + response (left-padded prompts, response in the last `response_len` columns).
+    Returns per-token log-probs of the response tokens (B x R) and, if asked, the attention policy (B x R x T)."""
+    capture = dict(rows=response_len) if attention else None
+    out = model(**batch, capture=capture, logits_to_keep=response_len + 1, use_cache=False)
+    logits = out.logits[:, :-1].float()                        # position t-1 predicts token t
+    targets = batch["input_ids"][:, -response_len:]
+    logp = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, (capture["p"] if attention else None)
+
+
+@torch.no_grad()
+def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False):
+    """KV-cache generation (the capture is off: no capture dict is passed). Returns response ids B x R, padded
+    after the first <|im_end|>, and the response mask (ones up to and including it)."""
+    tok = processor.tokenizer
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                         temperature=temperature if not greedy else None, top_p=None, top_k=None,
+                         suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS),  # a random model samples them
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    response = out[:, batch["input_ids"].shape[1]:]
+    ended = (response == tok.eos_token_id).long().cumsum(1)
+    mask = (ended == 0) | ((ended == 1) & (response == tok.eos_token_id))
+    return response.masked_fill(~mask, tok.pad_token_id), mask.long()
