@@ -1,0 +1,133 @@
+"""The policy: loading, freezing, and the attention capture (Eq. 2) against transformers' own eager attention."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+
+R = 6  # response rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.build_tiny(seed=0)
+
+
+def image_batch(processor, seed=0):
+    """Two prompts with images of different sizes, so the left padding differs, plus random response tokens."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (112, 168, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))]
+    vis = processor.image_processor(images=images, return_tensors="pt")
+    tok, texts = processor.tokenizer, []
+    for k, grid in enumerate(vis["image_grid_thw"]):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "which colour?" * (k + 1)}]}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        texts.append(text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // 4)))
+    enc = tok(texts, return_tensors="pt", padding=True)
+    assert enc["attention_mask"][1, 0] == 0, "the second prompt must be left-padded"
+    response = torch.randint(20, 200, (2, R), generator=torch.Generator().manual_seed(seed))
+    response_mask = torch.ones_like(response)
+    response_mask[1, -2:] = 0
+    return dict(input_ids=torch.cat([enc["input_ids"], response], 1),
+                attention_mask=torch.cat([enc["attention_mask"], response_mask], 1),
+                pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+
+
+def eager_policy(model, batch):
+    """The reference: eager attention of the whole model, last layer, head mean, self weight dropped, renormalized."""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**batch, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation("ral_sdpa")
+    alpha = out.attentions[-1].mean(1)[:, -R:].clone()
+    T = alpha.shape[-1]
+    for j in range(R):
+        alpha[:, j, T - R + j] = 0
+    return alpha / alpha.sum(-1, keepdim=True), out.logits
+
+
+def test_capture_equals_eager_values_and_gradients(tiny):
+    model, processor = tiny
+    batch = image_batch(processor)
+    weights = torch.randn(2, R, batch["input_ids"].shape[1], generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    _, p = M.policy_forward(model, batch, R)
+    grads = torch.autograd.grad((p * weights).sum(), params, allow_unused=True)
+    ref, _ = eager_policy(model, batch)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)
+
+    assert p.shape == ref.shape
+    assert (p - ref).abs().max() < 1e-5
+    assert torch.allclose(p.sum(-1), torch.ones(2, R), atol=1e-6)
+    T = p.shape[-1]
+    for j in range(R):                                     # nothing on itself or the future
+        assert (p[:, j, T - R + j:] == 0).all()
+    pad = batch["attention_mask"] == 0
+    assert (p[1][:, pad[1]] == 0).all()                    # padding keys carry zero mass
+    used = [(g, r) for g, r in zip(grads, ref_grads) if r is not None]
+    assert len(used) > 10
+    for g, r in used:
+        assert (g - r).abs().max() < 1e-5 * max(1.0, r.abs().max().item())
+
+
+def test_logits_unchanged_and_logprobs_match(tiny):
+    model, processor = tiny
+    batch = image_batch(processor, seed=2)
+    with torch.no_grad():
+        logp, _ = M.policy_forward(model, batch, R)
+        model.set_attn_implementation("sdpa")
+        plain = model(**batch, use_cache=False).logits
+        model.set_attn_implementation("ral_sdpa")
+        captured = model(**batch, capture=dict(rows=R), use_cache=False).logits
+    assert torch.equal(plain, captured)
+    ref = torch.gather(plain[:, -R - 1:-1].log_softmax(-1), 2, batch["input_ids"][:, -R:, None]).squeeze(-1)
+    assert torch.allclose(logp, ref, atol=1e-6)
+
+
+def test_generation_unaffected(tiny):
+    """KV-cache generation with our kernel (capture off) gives the same tokens as plain SDPA."""
+    model, processor = tiny
+    batch = image_batch(processor)
+    n = batch["input_ids"].shape[1] - R
+    prompt = dict(batch, input_ids=batch["input_ids"][:, :n], attention_mask=batch["attention_mask"][:, :n])
+    ours, mask = M.generate(model, processor, prompt, 12, greedy=True)
+    model.set_attn_implementation("sdpa")
+    try:
+        plain, _ = M.generate(model, processor, prompt, 12, greedy=True)
+    finally:
+        model.set_attn_implementation("ral_sdpa")
+    assert torch.equal(ours, plain)
+    assert mask[:, 0].all()
+    vision = processor.tokenizer.convert_tokens_to_ids(M.VISION_TOKENS)
+    assert not torch.isin(ours, torch.tensor(vision)).any()
+
+
+def test_vision_frozen_language_trainable(tiny):
+    model, _ = tiny
+    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_save_and_load_back_bit_exact(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, proc2 = M.load(str(tmp_path))
+    batch = image_batch(processor)
+    assert torch.equal(batch["input_ids"], image_batch(proc2)["input_ids"])
+    assert torch.equal(batch["pixel_values"], image_batch(proc2)["pixel_values"])
+    with torch.no_grad():
+        a, pa = M.policy_forward(model, batch, R)
+        b, pb = M.policy_forward(loaded, batch, R)
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    assert not any(p.requires_grad for p in loaded.model.visual.parameters())
+
+
+def test_tiny_is_seeded():
+    a, _ = M.build_tiny(seed=3)
+    b, _ = M.build_tiny(seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
