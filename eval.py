@@ -1,0 +1,379 @@
+"""
+Measuring: accuracy on the offline suites and on JSONL benchmarks, attention maps as pictures, results tables.
+
+    python eval.py --ckpt out/ral --suite search-256          # one checkpoint, one suite -> out/ral/eval.json
+    python eval.py --ckpt tiny                                # a fresh random tiny model, every offline suite
+    python eval.py --ckpt out/ral --suite my.jsonl --maps 4   # a benchmark, and 4 attention maps per suite
+    python eval.py --compare out/grpo-s0 out/grpo-s1 out/ral-s0 out/ral-s1   # seeds grouped: mean ± 95% CI
+
+evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding)
+suite(name, n=None, seed=None)            -> samples of an offline suite ("search-256", "video-8") or a .jsonl file
+attention_map(model, processor, sample, path) -> the answer's final-layer attention over the image, as a PNG
+
+Decoding is greedy, so a checkpoint's score on a suite is deterministic; the interval of one run is the Wilson
+interval of a proportion, the interval over seeds a t interval of the per-seed means.
+"""
+import argparse
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import model as policy
+
+SEARCH_SUITES = ["search-16", "search-64", "search-256", "search-1024"]
+VIDEO_SUITES = ["video-4", "video-8", "video-16"]
+SUITES = SEARCH_SUITES + VIDEO_SUITES
+EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
+EVAL_N = 64
+Z95 = 1.959964          # two-sided 95% normal quantile
+
+# ----------------------------------------------------------------------------------------------------------------
+# Intervals
+
+def wilson(k, n, z=Z95):
+    """95% Wilson score interval for k successes out of n. Unlike p ± z*se it stays inside [0, 1] and is not
+    degenerate at 0/n or n/n, which is where small suites of an untrained or a perfect model land."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at 0/n and n/n the bound is exactly 0 or 1; say so rather than leave it to rounding
+    return (0.0 if k == 0 else center - half), (1.0 if k == n else center + half)
+
+
+# Student t, 0.975 quantile, for 1..30 degrees of freedom (beyond: a Cornish-Fisher expansion around the normal).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_critical(df):
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z95
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_ci(values):
+    """Mean and the half-width of its 95% t interval (seeds are few, so t, not z). One value: half-width nan."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(t_critical(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites
+
+def suite(name, n=None, seed=None):
+    """An offline suite by name ("search-<visual tokens>", "video-<frames>"), drawn with the held-out eval seed,
+    or a Video-R1 style .json/.jsonl benchmark (its first n samples if n is given)."""
+    if name.endswith((".json", ".jsonl")):
+        samples = data.load_dataset(name)
+        return samples[:n] if n else samples
+    kind, _, size = name.partition("-")
+    if kind not in ("search", "video") or not size.isdigit():
+        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} or a path to a .json/.jsonl file")
+    n, seed = n or EVAL_N, EVAL_SEED if seed is None else seed
+    if kind == "search":
+        return data.search_task(n, seed=seed, tokens=int(size))
+    return data.video_task(n, seed=seed, frames=int(size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Responding and measuring
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def respond(model, processor, samples, mode="think", max_new_tokens=64, attention=True):
+    """Greedy responses to a batch of samples. With attention=True, also one policy_forward over prompt + response
+    (the same pass the trainer makes) for the final layer's attention policy p, averaged over each response's real
+    tokens and cut to the prompt's keys. Returns texts, the B x P averaged attention (or None), and the batch."""
+    batch = data.encode(samples, processor, mode=mode)
+    masks = {k: batch.pop(k) for k in ("visual_mask", "target_mask") if k in batch}
+    batch = to_device(batch, model.device)
+    response, mask = policy.generate(model, processor, batch, max_new_tokens, greedy=True)
+    texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
+    if not attention:
+        return texts, None, batch, masks, response, mask
+    full = dict(batch, input_ids=torch.cat([batch["input_ids"], response], 1),
+                attention_mask=torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], 1))
+    if "mm_token_type_ids" in batch:  # M-RoPE's per-token modality: response tokens are text (0)
+        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
+    _, p = policy.policy_forward(model, full, response.shape[1])
+    return texts, p, batch, masks, response, mask
+
+
+def mean_rows(p, rows, prompt_len):
+    """Average the attention rows selected by `rows` (B x R, 0/1) and keep the prompt's keys: B x P."""
+    w = rows.float().to(p.device)
+    return ((p * w[:, :, None]).sum(1) / w.sum(1).clamp(min=1)[:, None])[:, :prompt_len].cpu()
+
+
+def grounding_scores(attn, visual_mask, target_mask):
+    """Per sample: the share of the attention on visual tokens that lands on the target's tokens (None when the
+    sample has no target or no visual tokens)."""
+    visual = (attn * visual_mask).sum(1)
+    target = (attn * (target_mask & visual_mask)).sum(1)
+    has = target_mask.any(1) & (visual > 0)
+    return [float(t / v) if h else None for t, v, h in zip(target, visual, has)]
+
+
+def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tokens=64, responder=None,
+             progress=True, desc="eval"):
+    """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
+    `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer)."""
+    acc, fmt, ground = [], [], []
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = samples[i:i + batch_size]
+        if responder is not None:
+            texts = list(responder(chunk))
+        else:
+            texts, p, batch, masks, _, mask = respond(model, processor, chunk, mode, max_new_tokens)
+            P = batch["input_ids"].shape[1]
+            if "target_mask" in masks:
+                ground += grounding_scores(mean_rows(p, mask, P), masks["visual_mask"].cpu(),
+                                           masks["target_mask"].cpu())
+        for sample, text in zip(chunk, texts):
+            r = data.reward(text, sample, mode)
+            acc.append(float(r["accuracy"]))
+            fmt.append(float(r["format"]))
+    n = len(acc)
+    ground = [g for g in ground if g is not None]
+    return dict(n=n, accuracy=sum(acc) / max(n, 1), accuracy_ci=wilson(sum(acc), n),
+                format=sum(fmt) / max(n, 1), format_ci=wilson(sum(fmt), n),
+                grounding=float(np.mean(ground)) if ground else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention maps
+
+def unpatchify(pixel_values, thw, image_processor):
+    """Undo Qwen2.5-VL's patch layout (grid_t, h/m, w/m, m, m, C, temporal, p, p) and normalization: the frames the
+    model saw, as uint8 (grid_t * temporal) x H x W x 3."""
+    t, h, w = (int(v) for v in thw)
+    p, m, tp = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    x = pixel_values.float().cpu().reshape(t, h // m, w // m, m, m, 3, tp, p, p)
+    x = x.permute(0, 6, 1, 3, 7, 2, 4, 8, 5).reshape(t * tp, h * p, w * p, 3)
+    x = x * torch.tensor(image_processor.image_std) + torch.tensor(image_processor.image_mean)
+    return (x.clamp(0, 1) * 255).round().byte().numpy()
+
+
+def overlay(image, heat, box=None, alpha=0.5, normalize=True):
+    """Blend a 2-D heat array, upsampled to the image's own size, over the image (PIL RGB); outline the box."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+    heat = np.asarray(heat, dtype=float)
+    if normalize:  # min-max: the map shows where attention goes, not how peaked it is
+        heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
+    up = Image.fromarray((heat * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    colored = Image.fromarray((colormaps["jet"](np.asarray(up) / 255.0)[..., :3] * 255).astype(np.uint8))
+    out = Image.blend(image.convert("RGB"), colored, alpha)
+    if box is not None:
+        ImageDraw.Draw(out).rectangle([int(v) for v in box], outline=(255, 255, 255), width=2)
+    return out
+
+
+def answer_rows(tokenizer, response, mask):
+    """0/1 over response positions: the tokens after <answer> up to </answer>; all real tokens if there is none."""
+    ids = response[mask.bool()].tolist()
+    prefixes = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids))]
+    rows = torch.zeros_like(mask)
+    for k, text in enumerate(prefixes):
+        rows[k] = int("<answer>" in text and "</answer>" not in text)
+    return rows if rows.any() else mask
+
+
+def open_image(image):
+    from PIL import Image
+    return image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+
+
+@torch.no_grad()
+def attention_map(model, processor, sample, path, mode="think", max_new_tokens=64):
+    """Render the final-layer attention of the answer tokens (Eq. 2's p, averaged over them) over the image as a
+    heatmap PNG of the image's size, or over a video as a strip with one frame per temporal token group.
+    Returns dict(path, text, grounding)."""
+    texts, p, batch, masks, response, mask = respond(model, processor, [sample], mode, max_new_tokens)
+    P = batch["input_ids"].shape[1]
+    rows = answer_rows(processor.tokenizer, response[0], mask[0])[None]
+    attn = mean_rows(p, rows, P)
+    visual = masks["visual_mask"][0].cpu()
+    weights = attn[0][visual].numpy()
+    ip, target = processor.image_processor, sample.get("target")
+    if "image_grid_thw" in batch:
+        _, h, w = (int(v) for v in batch["image_grid_thw"][0])
+        heat = weights.reshape(h // ip.merge_size, w // ip.merge_size)
+        picture = overlay(open_image(sample["image"]), heat, box=target and target.get("box"))
+    else:
+        from PIL import Image, ImageDraw
+        thw = batch["video_grid_thw"][0]
+        t, h, w = (int(v) for v in thw)
+        frames = unpatchify(batch["pixel_values_videos"], thw, ip)
+        shown = [frames[g * ip.temporal_patch_size] for g in range(t)]  # one frame per token group: its first
+        hit = None
+        if target and target.get("frame") is not None and target["frame"] < len(frames):
+            hit = target["frame"] // ip.temporal_patch_size  # (offline videos are 1 fps: frame = sampled index)
+            shown[hit] = frames[target["frame"]]             # the group holding the needle shows the needle frame
+        heat = weights.reshape(t, h // ip.merge_size, w // ip.merge_size)
+        heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # one colour scale for the whole strip
+        tiles = [overlay(Image.fromarray(f), hm, normalize=False) for f, hm in zip(shown, heat)]
+        picture = Image.new("RGB", (sum(tile.width for tile in tiles), tiles[0].height))
+        for i, tile in enumerate(tiles):
+            if i == hit:  # the group holding the needle frame gets a white border
+                ImageDraw.Draw(tile).rectangle([0, 0, tile.width - 1, tile.height - 1], outline=(255, 255, 255), width=3)
+            picture.paste(tile, (i * tile.width, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture.save(path)
+    ground = grounding_scores(attn, masks["visual_mask"].cpu(), masks["target_mask"].cpu())[0] \
+        if "target_mask" in masks else None
+    return dict(path=path, text=texts[0], grounding=ground)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, runs and tables
+
+def load_model(ckpt, device="cpu"):
+    """'tiny' -> a fresh random tiny model (smoke tests); else a save_pretrained folder or a hub id."""
+    return policy.build_tiny() if ckpt == "tiny" else policy.load(ckpt, device=device)
+
+
+def run_mode(path):
+    """RAL-zero checkpoints answer without thinking: read the mode the trainer recorded, else guess from the name."""
+    for name in ("eval.json", "results.json", "config.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                mode = json.load(fh).get("mode")
+            if mode in ("think", "zero"):
+                return mode
+    return "zero" if "zero" in os.path.basename(os.path.normpath(path)) else "think"
+
+
+def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16, max_new_tokens=64,
+                    maps=0, maps_dir=None):
+    results = {}
+    for name in tqdm(names, desc="suites", disable=len(names) < 2):
+        samples = suite(name, n=n)
+        results[name] = evaluate(model, processor, samples, mode, batch_size, max_new_tokens, desc=name)
+        for i, sample in enumerate(samples[:maps]):
+            if sample.get("image") is not None or sample.get("video") is not None:
+                out = os.path.join(maps_dir, f"{os.path.basename(name)}-{i}.png")
+                attention_map(model, processor, sample, out, mode, max_new_tokens)
+    return results
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(obj, path):
+    """Atomic: a crash mid-write never leaves a half-written eval.json behind for --compare to read."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run_results(path, names, n=None, device="cpu", **kw):
+    """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
+    (and added to eval.json)."""
+    out = os.path.join(path, "eval.json")
+    saved = read_json(out)
+    results = saved.get("suites", {})
+    missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
+    if missing:
+        mode = run_mode(path)
+        model, processor = load_model(path, device)
+        results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
+        write_json(dict(saved, ckpt=path, mode=mode, suites=results), out)
+    return {s: results[s] for s in names}
+
+
+def method_name(path):
+    """out/ral-s1 -> ral: seeds of one method share a name up to a trailing -s<digits>."""
+    return re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(path)))
+
+
+def cell(results, metric="accuracy"):
+    """'mean ± ci' in percent over one method's seeds: a t interval across seeds, a Wilson half-width for one."""
+    values = [r[metric] for r in results if r.get(metric) is not None]
+    if not values:
+        return "–"
+    mean, half = mean_ci(values)
+    if len(values) == 1 and metric + "_ci" in results[0]:
+        lo, hi = results[0][metric + "_ci"]
+        half = (hi - lo) / 2
+    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+
+
+def compare(paths, names, metric="accuracy", **kw):
+    """A table like the paper's Tables 2 and 3: rows = methods (seeds grouped), columns = suites."""
+    groups = {}
+    for path in paths:
+        groups.setdefault(method_name(path), []).append(run_results(path, names, **kw))
+    header = f"| method | seeds | {' | '.join(names)} |\n|---|---|{'---|' * len(names)}\n"
+    lines = [f"| {m} | {len(runs)} | " + " | ".join(cell([r[s] for r in runs], metric) for s in names) + " |"
+             for m, runs in groups.items()]
+    return header + "\n".join(lines)
+
+
+def table(results):
+    """One checkpoint: a row per suite."""
+    fmt = lambda v, ci: f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    lines = ["| suite | n | accuracy [95% CI] | format [95% CI] | grounding |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        g = "–" if r["grounding"] is None else f"{r['grounding']:.3f}"
+        lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'], r['accuracy_ci'])} | "
+                     f"{fmt(r['format'], r['format_ci'])} | {g} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ckpt", default="tiny", help="a save_pretrained folder, a hub id, or 'tiny' (random, offline)")
+    ap.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to tabulate side by side")
+    ap.add_argument("--suite", nargs="+", default=None, help=f"{' '.join(SUITES)} or .json/.jsonl files")
+    ap.add_argument("--n", type=int, default=None, help=f"samples per offline suite (default {EVAL_N})")
+    ap.add_argument("--mode", choices=["think", "zero"], default=None, help="default: from the run folder")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--maps", type=int, default=0, help="attention-map PNGs per suite")
+    ap.add_argument("--metric", default="accuracy", choices=["accuracy", "format", "grounding"])
+    ap.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval.json for a folder)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if args.compare:
+        names = args.suite or sorted({s for p in args.compare
+                                      for s in read_json(os.path.join(p, "eval.json")).get("suites", {})}) or SUITES
+        print(compare(args.compare, names, args.metric, n=args.n, device=args.device, **kw))
+        return
+    names = args.suite or SUITES
+    folder = os.path.isdir(args.ckpt)
+    out = args.out or (os.path.join(args.ckpt, "eval.json") if folder else None)
+    mode = args.mode or (run_mode(args.ckpt) if folder else "think")
+    maps_dir = os.path.join(os.path.dirname(os.path.abspath(out)) if out else "out", "maps")
+    model, processor = load_model(args.ckpt, args.device)
+    results = evaluate_suites(model, processor, names, args.n, mode, maps=args.maps, maps_dir=maps_dir, **kw)
+    if out:
+        saved = read_json(out) if folder and not args.out else {}
+        write_json(dict(saved, ckpt=args.ckpt, mode=mode, suites={**saved.get("suites", {}), **results}), out)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""eval.py: interval math on hand-computed cases, scoring with oracle and constant responders, attention maps,
+a JSONL benchmark end to end, and the comparison table."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+import eval as ev
+import model as policy
+
+# ----------------------------------------------------------------------------------------------------------------
+# Interval math
+
+
+def test_wilson_hand_computed():
+    # 8 of 10: center (0.8 + 1.96^2/20) / (1 + 1.96^2/10) = 0.7167, half 0.2266 -> [0.4902, 0.9433]
+    lo, hi = ev.wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    # 0 of 10: [0, z^2/(n + z^2)] = [0, 0.2775]; all of them mirrors it
+    assert ev.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert ev.wilson(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    assert ev.wilson(0, 0) == (0.0, 1.0)
+
+
+@given(st.integers(1, 2000), st.data())
+def test_wilson_contains_estimate_and_shrinks(n, draw):
+    k = draw.draw(st.integers(0, n))
+    lo, hi = ev.wilson(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    lo4, hi4 = ev.wilson(4 * k, 4 * n)  # same proportion, four times the data: a narrower interval
+    assert hi4 - lo4 < hi - lo
+
+
+def test_mean_ci_hand_computed():
+    # [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3), t(2) = 4.303 -> half 2.4843
+    mean, half = ev.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3), abs=1e-6)
+    # two seeds 0.5, 0.7: sd 0.1414, se 0.1, t(1) = 12.706
+    assert ev.mean_ci([0.5, 0.7])[1] == pytest.approx(1.2706, abs=1e-4)
+    assert math.isnan(ev.mean_ci([0.3])[1]) and ev.mean_ci([0.3])[0] == 0.3
+
+
+def test_t_critical_is_continuous_past_the_table():
+    assert ev.t_critical(30) == 2.042
+    assert ev.t_critical(31) == pytest.approx(2.040, abs=2e-3)
+    assert ev.t_critical(60) == pytest.approx(2.000, abs=2e-3)
+    assert ev.t_critical(120) == pytest.approx(1.980, abs=2e-3)
+    assert all(ev.t_critical(d) > ev.t_critical(d + 1) > ev.Z95 for d in range(1, 200))
+
+
+@settings(max_examples=50)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=10))
+def test_mean_ci_scales_with_spread(values):
+    mean, half = ev.mean_ci(values)
+    assert min(values) - 1e-12 <= mean <= max(values) + 1e-12 and half >= 0
+    assert ev.mean_ci([2 * v for v in values])[1] == pytest.approx(2 * half, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grounding and attention rows
+
+
+def test_grounding_hand_computed():
+    # prompt of 5: positions 1-3 visual, 2 is the target; 0.6 on visual of which 0.3 on target -> 0.5
+    attn = torch.tensor([[0.1, 0.2, 0.3, 0.1, 0.3], [0.1, 0.2, 0.3, 0.1, 0.3]])
+    visual = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 0]]).bool()
+    target = torch.tensor([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()
+    g = ev.grounding_scores(attn, visual, target)
+    assert g[0] == pytest.approx(0.5) and g[1] is None  # no target: left out, not counted as zero
+
+
+def test_mean_rows_averages_only_real_tokens():
+    p = torch.zeros(1, 3, 6)
+    p[0, 0, 1], p[0, 1, 2], p[0, 2, 3] = 1.0, 1.0, 1.0   # third row is padding
+    rows = torch.tensor([[1, 1, 0]])
+    out = ev.mean_rows(p, rows, prompt_len=4)
+    assert out.shape == (1, 4) and torch.allclose(out, torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
+
+
+def test_answer_rows_select_the_answer_span():
+    _, processor = policy.build_tiny()
+    tok = processor.tokenizer
+    ids = tok("<think>look</think><answer>B</answer>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    response, mask = torch.tensor(ids), torch.ones(len(ids), dtype=torch.long)
+    rows = ev.answer_rows(tok, response, mask)
+    picked = tok.decode([i for i, r in zip(ids, rows) if r])
+    assert picked.startswith("B") and "think" not in picked and 0 < rows.sum() < len(ids)
+    no_tags = torch.tensor(tok("look left", add_special_tokens=False)["input_ids"])
+    assert torch.equal(ev.answer_rows(tok, no_tags, torch.ones_like(no_tags)), torch.ones_like(no_tags))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def test_unpatchify_inverts_the_image_processor():
+    _, processor = policy.build_tiny()
+    ip = processor.image_processor
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (112, 168, 3), dtype=np.uint8))  # already a multiple of 28
+    out = ip(images=[image], return_tensors="pt")
+    frames = ev.unpatchify(out["pixel_values"], out["image_grid_thw"][0], ip)
+    assert frames.shape == (2, 112, 168, 3)
+    assert np.abs(frames[0].astype(int) - np.asarray(image).astype(int)).max() <= 1
+    assert np.array_equal(frames[0], frames[1])  # a still image is repeated along the temporal patch
+
+
+def test_overlay_has_the_image_size_and_marks_hot_cells():
+    image = Image.new("RGB", (200, 120), (128, 128, 128))
+    heat = np.zeros((3, 5))
+    heat[0, 0] = 1.0
+    out = np.asarray(ev.overlay(image, heat)).astype(int)
+    assert out.shape == (120, 200, 3)
+    assert out[5, 5, 0] > out[110, 190, 0]  # hot corner: red in jet; cold corner: blue
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs and tables (eval.json fixtures, no model)
+
+
+def fake_result(acc, n=64):
+    k = round(acc * n)
+    return dict(n=n, accuracy=k / n, accuracy_ci=list(ev.wilson(k, n)), format=1.0, format_ci=[0.94, 1.0],
+                grounding=0.3)
+
+
+def test_compare_groups_seeds_into_mean_and_t_interval(tmp_path):
+    runs = {"grpo-s0": 0.5, "grpo-s1": 0.75, "ral-s0": 0.625, "ral-s1": 0.75, "ral-s2": 0.875, "base": 0.25}
+    for name, acc in runs.items():
+        ev.write_json(dict(mode="think", suites={"search-64": fake_result(acc)}), str(tmp_path / name / "eval.json"))
+    paths = [str(tmp_path / name) for name in runs]
+    text = ev.compare(paths, ["search-64"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()[2:]}
+    assert list(rows) == ["grpo", "ral", "base"]
+    assert rows["grpo"] == ["2", f"62.5 ± {100 * 12.706 * 0.125:.1f}"]          # sd 0.1768, se 0.125, t(1)
+    assert rows["ral"] == ["3", f"75.0 ± {100 * 4.303 * 0.125 / math.sqrt(3):.1f}"]  # sd 0.125, t(2)
+    lo, hi = ev.wilson(16, 64)                                                   # one seed: Wilson half-width
+    assert rows["base"] == ["1", f"25.0 ± {100 * (hi - lo) / 2:.1f}"]
+
+
+def test_method_name_and_mode():
+    assert ev.method_name("out/ral-s12/") == "ral" and ev.method_name("out/ral-zero-s0") == "ral-zero"
+    assert ev.method_name("out/kd-attn") == "kd-attn"
+    assert ev.run_mode("out/does-not-exist/ral-zero-s1") == "zero" and ev.run_mode("out/nothing/grpo") == "think"
+
+
+def test_unknown_suite_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown suite"):
+        ev.suite("serch-64")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring with responders (no model): an oracle is perfect, a constant answer is at chance on a balanced suite
+
+
+def oracle(mode):
+    think = "<think>The star is there.</think>" if mode == "think" else ""
+    return lambda samples: [f"{think}<answer>{s['answer']}</answer>" for s in samples]
+
+
+@pytest.mark.parametrize("name,mode", [("search-16", "think"), ("search-256", "zero"), ("video-4", "think")])
+def test_oracle_is_perfect_and_constant_is_chance(name, mode):
+    samples = ev.suite(name, n=16)
+    assert len(samples) == 16 and all(s["answer"] in "ABCD" for s in samples)
+    r = ev.evaluate(None, None, samples, mode=mode, batch_size=5, responder=oracle(mode), progress=False)
+    assert r["n"] == 16 and r["accuracy"] == 1.0 and r["format"] == 1.0 and r["grounding"] is None
+    assert r["accuracy_ci"] == pytest.approx(ev.wilson(16, 16))
+    constant = ev.evaluate(None, None, samples, mode=mode, responder=lambda ss: ["<answer>A</answer>"] * len(ss),
+                           progress=False)
+    assert constant["accuracy"] == 0.25                     # balanced answers: exactly chance
+    assert constant["format"] == (1.0 if mode == "zero" else 0.0)  # no thinking block: only RAL-zero's format
+
+
+def test_suites_are_held_out_and_deterministic():
+    a, b = ev.suite("search-64", n=8), ev.suite("search-64", n=8)
+    assert [s["answer"] for s in a] == [s["answer"] for s in b] and len(ev.suite("search-16")) == ev.EVAL_N
+    train = {s["id"] for s in ev.data.search_task(8, seed=0, tokens=64)}
+    assert not train & {s["id"] for s in a}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny model end to end
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return policy.build_tiny()
+
+
+def test_evaluate_tiny_model_reports_grounding(tiny):
+    model, processor = tiny
+    r = ev.evaluate(model, processor, ev.suite("search-16", n=6), batch_size=4, max_new_tokens=8, progress=False)
+    assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+    # the target covers a few of the 16 cells; a random model spreads its attention: a share strictly inside (0, 1)
+    assert 0 < r["grounding"] < 1
+
+
+def test_heatmap_has_the_image_size(tiny, tmp_path):
+    model, processor = tiny
+    sample = ev.suite("search-64", n=1)[0]
+    out = ev.attention_map(model, processor, sample, str(tmp_path / "maps" / "a.png"), max_new_tokens=8)
+    assert Image.open(out["path"]).size == sample["image"].size and 0 < out["grounding"] < 1
+    small = dict(sample, image=sample["image"].resize((150, 100)), target=None)   # any size, no target
+    out = ev.attention_map(model, processor, small, str(tmp_path / "b.png"), max_new_tokens=8)
+    assert Image.open(out["path"]).size == (150, 100) and out["grounding"] is None
+
+
+def test_video_strip_has_one_tile_per_token_group(tiny, tmp_path):
+    model, processor = tiny
+    sample = ev.suite("video-8", n=1)[0]
+    out = ev.attention_map(model, processor, sample, str(tmp_path / "v.png"), max_new_tokens=8)
+    assert Image.open(out["path"]).size == (4 * 112, 112)  # 8 frames / temporal patch 2, frames of 112 px
+
+
+def write_benchmark(folder, n=8):
+    """A Video-R1 style JSONL benchmark with real image files, made here."""
+    rng = np.random.default_rng(0)
+    with open(os.path.join(folder, "bench.jsonl"), "w") as f:
+        for i in range(n):
+            name = f"img{i}.png"
+            Image.fromarray(rng.integers(0, 256, (56 + 28 * (i % 3), 84, 3), dtype=np.uint8)).save(folder / name)
+            f.write(json.dumps(dict(problem_id=i, problem="What colour is the star?", data_type="image",
+                                    problem_type="multiple choice", options=["A. red", "B. green", "C. blue", "D. gray"],
+                                    solution=f"<answer>{'ABCD'[i % 4]}</answer>", path=name)) + "\n")
+    return str(folder / "bench.jsonl")
+
+
+def test_jsonl_benchmark_end_to_end(tmp_path, capsys):
+    path = write_benchmark(tmp_path)
+    samples = ev.suite(path)
+    assert len(samples) == 8 and ev.evaluate(None, None, samples, responder=oracle("think"))["accuracy"] == 1.0
+    out = str(tmp_path / "result.json")
+    ev.main(["--ckpt", "tiny", "--suite", path, "--out", out, "--max_new_tokens", "8", "--batch_size", "3"])
+    result = json.load(open(out))["suites"][path]
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["grounding"] is None  # no targets
+    assert f"| {path} | 8 |" in capsys.readouterr().out
+
+
+def test_compare_evaluates_checkpoints_without_eval_json(tiny, tmp_path, capsys):
+    model, processor = tiny
+    for name in ("grpo-s0", "grpo-s1"):
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    runs = [str(tmp_path / "grpo-s0"), str(tmp_path / "grpo-s1")]
+    ev.main(["--compare", *runs, "--suite", "search-16", "--n", "4", "--max_new_tokens", "8"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| method | seeds | search-16 |" and lines[2].startswith("| grpo | 2 | ")
+    saved = [json.load(open(os.path.join(r, "eval.json")))["suites"]["search-16"] for r in runs]
+    assert saved[0] == saved[1]  # same weights, greedy decoding: the same result; eval.json cached for next time
