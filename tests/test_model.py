@@ -30,8 +30,9 @@ def image_batch(processor, seed=0):
     response = torch.randint(20, 200, (2, R), generator=torch.Generator().manual_seed(seed))
     response_mask = torch.ones_like(response)
     response_mask[1, -2:] = 0
-    return dict(input_ids=torch.cat([enc["input_ids"], response], 1),
-                attention_mask=torch.cat([enc["attention_mask"], response_mask], 1),
+    ids = torch.cat([enc["input_ids"], response], 1)
+    return dict(input_ids=ids, attention_mask=torch.cat([enc["attention_mask"], response_mask], 1),
+                mm_token_type_ids=(ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).long(),
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
@@ -93,7 +94,7 @@ def test_generation_unaffected(tiny):
     model, processor = tiny
     batch = image_batch(processor)
     n = batch["input_ids"].shape[1] - R
-    prompt = dict(batch, input_ids=batch["input_ids"][:, :n], attention_mask=batch["attention_mask"][:, :n])
+    prompt = dict(batch, **{k: batch[k][:, :n] for k in ("input_ids", "attention_mask", "mm_token_type_ids")})
     ours, mask = M.generate(model, processor, prompt, 12, greedy=True)
     model.set_attn_implementation("sdpa")
     try:
