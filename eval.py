@@ -97,8 +97,9 @@ def to_device(batch, device):
 @torch.no_grad()
 def respond(model, processor, samples, mode="think", max_new_tokens=64, attention=True):
     """Greedy responses to a batch of samples. With attention=True, also one policy_forward over prompt + response
-    (the same pass the trainer makes) for the final layer's attention policy p, averaged over each response's real
-    tokens and cut to the prompt's keys. Returns texts, the B x P averaged attention (or None), and the batch."""
+    (the same pass the trainer makes) for the final layer's attention policy p (Eq. 2, B x R x T; generation itself
+    runs with the KV cache and no capture). Returns texts, p (or None), the model batch, its visual/target masks,
+    the response ids and the response mask."""
     batch = data.encode(samples, processor, mode=mode)
     masks = {k: batch.pop(k) for k in ("visual_mask", "target_mask") if k in batch}
     batch = to_device(batch, model.device)
@@ -129,11 +130,20 @@ def grounding_scores(attn, visual_mask, target_mask):
     return [float(t / v) if h else None for t, v, h in zip(target, visual, has)]
 
 
+def chance_grounding(visual_mask, target_mask):
+    """What uniform attention over the visual tokens would score: the target's share of them."""
+    return grounding_scores(torch.ones(visual_mask.shape), visual_mask, target_mask)
+
+
 def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tokens=64, responder=None,
              progress=True, desc="eval"):
     """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
-    `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer)."""
-    acc, fmt, ground = [], [], []
+    `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer).
+    grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
+    acc, fmt, ground, chance = [], [], [], []
+    training = model is not None and model.training
+    if model is not None:
+        model.eval()
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = samples[i:i + batch_size]
         if responder is not None:
@@ -142,17 +152,20 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
             texts, p, batch, masks, _, mask = respond(model, processor, chunk, mode, max_new_tokens)
             P = batch["input_ids"].shape[1]
             if "target_mask" in masks:
-                ground += grounding_scores(mean_rows(p, mask, P), masks["visual_mask"].cpu(),
-                                           masks["target_mask"].cpu())
+                visual, target = masks["visual_mask"].cpu(), masks["target_mask"].cpu()
+                ground += grounding_scores(mean_rows(p, mask, P), visual, target)
+                chance += chance_grounding(visual, target)
         for sample, text in zip(chunk, texts):
             r = data.reward(text, sample, mode)
             acc.append(float(r["accuracy"]))
             fmt.append(float(r["format"]))
+    if training:  # the trainer calls this mid-run: hand the model back as it came
+        model.train()
     n = len(acc)
-    ground = [g for g in ground if g is not None]
+    mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None
     return dict(n=n, accuracy=sum(acc) / max(n, 1), accuracy_ci=wilson(sum(acc), n),
                 format=sum(fmt) / max(n, 1), format_ci=wilson(sum(fmt), n),
-                grounding=float(np.mean(ground)) if ground else None)
+                grounding=mean(ground), grounding_chance=mean(chance))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +301,7 @@ def write_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def run_results(path, names, n=None, device="cpu", **kw):
+def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
     out = os.path.join(path, "eval.json")
@@ -296,7 +309,7 @@ def run_results(path, names, n=None, device="cpu", **kw):
     results = saved.get("suites", {})
     missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
     if missing:
-        mode = run_mode(path)
+        mode = mode or run_mode(path)
         model, processor = load_model(path, device)
         results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
         write_json(dict(saved, ckpt=path, mode=mode, suites=results), out)
@@ -317,7 +330,7 @@ def cell(results, metric="accuracy"):
     if len(values) == 1 and metric + "_ci" in results[0]:
         lo, hi = results[0][metric + "_ci"]
         half = (hi - lo) / 2
-    return f"{100 * mean:.1f} ± {100 * half:.1f}"
+    return f"{100 * mean:.1f}" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
 def compare(paths, names, metric="accuracy", **kw):
@@ -334,9 +347,10 @@ def compare(paths, names, metric="accuracy", **kw):
 def table(results):
     """One checkpoint: a row per suite."""
     fmt = lambda v, ci: f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    lines = ["| suite | n | accuracy [95% CI] | format [95% CI] | grounding |", "|---|---|---|---|---|"]
+    lines = ["| suite | n | accuracy % [95% CI] | format % [95% CI] | grounding |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        g = "–" if r["grounding"] is None else f"{r['grounding']:.3f}"
+        g = "–" if r["grounding"] is None else f"{r['grounding']:.3f}" + (
+            f" (uniform {r['grounding_chance']:.3f})" if r.get("grounding_chance") is not None else "")
         lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'], r['accuracy_ci'])} | "
                      f"{fmt(r['format'], r['format_ci'])} | {g} |")
     return "\n".join(lines)
@@ -360,7 +374,7 @@ def main(argv=None):
     if args.compare:
         names = args.suite or sorted({s for p in args.compare
                                       for s in read_json(os.path.join(p, "eval.json")).get("suites", {})}) or SUITES
-        print(compare(args.compare, names, args.metric, n=args.n, device=args.device, **kw))
+        print(compare(args.compare, names, args.metric, n=args.n, device=args.device, mode=args.mode, **kw))
         return
     names = args.suite or SUITES
     folder = os.path.isdir(args.ckpt)

@@ -72,6 +72,7 @@ def test_grounding_hand_computed():
     target = torch.tensor([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()
     g = ev.grounding_scores(attn, visual, target)
     assert g[0] == pytest.approx(0.5) and g[1] is None  # no target: left out, not counted as zero
+    assert ev.chance_grounding(visual, target)[0] == pytest.approx(1 / 3)  # uniform: 1 target of 3 visual tokens
 
 
 def test_mean_rows_averages_only_real_tokens():
@@ -169,6 +170,7 @@ def test_oracle_is_perfect_and_constant_is_chance(name, mode):
     assert len(samples) == 16 and all(s["answer"] in "ABCD" for s in samples)
     r = ev.evaluate(None, None, samples, mode=mode, batch_size=5, responder=oracle(mode), progress=False)
     assert r["n"] == 16 and r["accuracy"] == 1.0 and r["format"] == 1.0 and r["grounding"] is None
+    assert r["grounding_chance"] is None  # a responder has no attention
     assert r["accuracy_ci"] == pytest.approx(ev.wilson(16, 16))
     constant = ev.evaluate(None, None, samples, mode=mode, responder=lambda ss: ["<answer>A</answer>"] * len(ss),
                            progress=False)
@@ -194,10 +196,13 @@ def tiny():
 
 def test_evaluate_tiny_model_reports_grounding(tiny):
     model, processor = tiny
+    model.train()
     r = ev.evaluate(model, processor, ev.suite("search-16", n=6), batch_size=4, max_new_tokens=8, progress=False)
+    assert model.training  # handed back to the trainer as it came
+    model.eval()
     assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
     # the target covers a few of the 16 cells; a random model spreads its attention: a share strictly inside (0, 1)
-    assert 0 < r["grounding"] < 1
+    assert 0 < r["grounding"] < 1 and 0 < r["grounding_chance"] < 1
 
 
 def test_heatmap_has_the_image_size(tiny, tmp_path):
