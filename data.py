@@ -10,7 +10,8 @@ reward(text, sample)           0.9 * accuracy + 0.1 * format (the paper's reward
 
 A sample is a plain dict: id, question (with the lettered options), options, answer (as it appears inside
 <answer>), problem_type, image (path or PIL image) or video (path), target ({"box", "frame"} or None),
-rationale (thinking text or None), source.
+rationale (thinking text or None), source; samples from load_dataset also carry origin ("file:line"), which
+errors raised later (a frame that does not decode) name.
 """
 import json
 import math
@@ -30,7 +31,7 @@ PALETTE = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
 DISTRACTORS = ["circle", "square", "triangle", "diamond"]
 LETTERS = "ABCD"
 CELL = 28           # one merged visual token covers 28x28 pixels (14 px patches, 2x2 merge)
-STAR = 36           # target size in pixels: always covers at least one full token cell
+STAR = 36           # target size in pixels: wider and taller than a token cell, so it always spans 2x2+ cells
 BACKGROUND = (255, 255, 255)
 PROBLEM_TYPES = {"multiple choice", "numerical", "OCR", "free-form", "regression"}
 SYSTEM = "You are a helpful assistant."
@@ -42,7 +43,7 @@ SYSTEM = "You are a helpful assistant."
 def _draw(draw, shape, box, colour):
     x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    if shape == "star":      # five points; outer tips touch the box top and sides
+    if shape == "star":      # five points, inner radius 0.45
         pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
                 cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
         draw.polygon(pts, fill=colour)
@@ -210,8 +211,11 @@ def _check_media(file, kind, where):
     """Fail now, with file:line, on missing/unreadable media, rather than deep inside a training step."""
     if not os.path.isfile(file):
         raise ValueError(f"{where}: {kind} not found: {file}")
-    if kind == "image":
-        load_image(file, where)
+    if kind == "image":  # the header only: cheap enough for 100k-sample files; pixels are decoded in encode
+        try:
+            Image.open(file).close()
+        except Exception as e:
+            raise ValueError(f"{where}: missing or unreadable image {file}: {e}") from None
     else:
         try:
             with av.open(file) as container:
