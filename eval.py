@@ -7,7 +7,7 @@ Measuring: accuracy on the offline suites and on JSONL benchmarks, attention map
     python eval.py --compare out/grpo-s0 out/grpo-s1 out/ral-s0 out/ral-s1   # seeds grouped: mean ± 95% CI
 
 evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding)
-suite(name, n=None, seed=None)            -> samples of an offline suite ("search-256", "video-8") or a .jsonl file
+suite(name, n=None, seed=None)            -> an offline suite ("search-256", "video-8", "video-8x64") or a .jsonl
 attention_map(model, processor, sample, path) -> the answer's final-layer attention over the image, as a PNG
 
 Decoding is greedy, so a checkpoint's score on a suite is deterministic; the interval of one run is the Wilson
@@ -30,7 +30,7 @@ SEARCH_SUITES = ["search-16", "search-64", "search-256", "search-1024"]
 VIDEO_SUITES = ["video-4", "video-8", "video-16"]
 SUITES = SEARCH_SUITES + VIDEO_SUITES
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
-EVAL_N = 64
+EVAL_N = 128            # ral.py's eval_n, so a trainer-written eval.json and ours count the same samples
 Z95 = 1.959964          # two-sided 95% normal quantile
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,12 +79,17 @@ def suite(name, n=None, seed=None):
         samples = data.load_dataset(name)
         return samples[:n] if n else samples
     kind, _, size = name.partition("-")
-    if kind not in ("search", "video") or not size.isdigit():
-        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} or a path to a .json/.jsonl file")
+    frames, x, per_frame = size.partition("x")  # video-8x64: 8 frames of 64 tokens (default: data.py's 16)
+    valid = (kind == "search" and size.isdigit() or
+             kind == "video" and frames.isdigit() and (per_frame.isdigit() or not x))
+    if not valid:
+        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} (video-<frames>x<tokens per "
+                         f"frame> also works) or a path to a .json/.jsonl file")
     n, seed = n or EVAL_N, EVAL_SEED if seed is None else seed
     if kind == "search":
         return data.search_task(n, seed=seed, tokens=int(size))
-    return data.video_task(n, seed=seed, frames=int(size))
+    extra = dict(tokens_per_frame=int(per_frame)) if per_frame else {}
+    return data.video_task(n, seed=seed, frames=int(frames), **extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
         picture = Image.new("RGB", (sum(tile.width for tile in tiles), tiles[0].height))
         for i, tile in enumerate(tiles):
             if i == hit:  # the group holding the needle frame gets a white border
-                ImageDraw.Draw(tile).rectangle([0, 0, tile.width - 1, tile.height - 1], outline=(255, 255, 255), width=3)
+                ImageDraw.Draw(tile).rectangle([0, 0, tile.width - 1, tile.height - 1], outline="white", width=3)
             picture.paste(tile, (i * tile.width, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     picture.save(path)
@@ -256,21 +261,47 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints, runs and tables
 
+def weights_dir(path):
+    """ral.py's run folder keeps its weights in <run>/ckpt; accept either the run folder or the weights folder."""
+    inner = os.path.join(path, "ckpt")
+    return inner if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(inner) else path
+
+
+def run_config(path):
+    """The trainer's run_config.json, beside the weights or one folder up ({} for other checkpoints)."""
+    folder = weights_dir(path)
+    return read_json(os.path.join(folder, "run_config.json")) or read_json(
+        os.path.join(os.path.dirname(os.path.normpath(folder)), "run_config.json"))
+
+
 def load_model(ckpt, device="cpu"):
-    """'tiny' -> a fresh random tiny model (smoke tests); else a save_pretrained folder or a hub id."""
-    return policy.build_tiny() if ckpt == "tiny" else policy.load(ckpt, device=device)
+    """'tiny' -> a fresh random tiny model (smoke tests); else a save_pretrained folder, a run folder, a hub id."""
+    if ckpt == "tiny":
+        return policy.build_tiny()
+    return policy.load(weights_dir(ckpt) if os.path.isdir(ckpt) else ckpt, device=device)
 
 
 def run_mode(path):
-    """RAL-zero checkpoints answer without thinking: read the mode the trainer recorded, else guess from the name."""
-    for name in ("eval.json", "results.json", "config.json"):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            with open(f) as fh:
-                mode = json.load(fh).get("mode")
-            if mode in ("think", "zero"):
-                return mode
+    """RAL-zero checkpoints answer without thinking: the trainer's config says so, else the folder name."""
+    cfg = run_config(path)
+    if "zero" in cfg:
+        return "zero" if cfg["zero"] else "think"
+    mode = read_json(os.path.join(weights_dir(path), "eval.json")).get("mode")
+    if mode in ("think", "zero"):
+        return mode
     return "zero" if "zero" in os.path.basename(os.path.normpath(path)) else "think"
+
+
+def saved_results(path):
+    """eval.json beside the weights. The trainer writes one flat result for its held-out set; file it under that
+    set's suite name so --compare can read it like ours."""
+    saved = read_json(os.path.join(weights_dir(path), "eval.json"))
+    if "accuracy" in saved:
+        cfg = run_config(path)
+        name = cfg.get("eval_file") or (f"video-{cfg.get('task_frames')}" if cfg.get("task") == "video"
+                                        else f"search-{cfg.get('task_tokens')}" if cfg else "held-out")
+        saved = dict(mode=run_mode(path), suites={name: saved})
+    return saved
 
 
 def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16, max_new_tokens=64,
@@ -304,8 +335,8 @@ def write_json(obj, path):
 def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
-    out = os.path.join(path, "eval.json")
-    saved = read_json(out)
+    out = os.path.join(weights_dir(path), "eval.json")
+    saved = saved_results(path)
     results = saved.get("suites", {})
     missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
     if missing:
@@ -372,19 +403,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     if args.compare:
-        names = args.suite or sorted({s for p in args.compare
-                                      for s in read_json(os.path.join(p, "eval.json")).get("suites", {})}) or SUITES
+        names = args.suite or sorted({s for p in args.compare for s in saved_results(p).get("suites", {})}) or SUITES
         print(compare(args.compare, names, args.metric, n=args.n, device=args.device, mode=args.mode, **kw))
         return
     names = args.suite or SUITES
     folder = os.path.isdir(args.ckpt)
-    out = args.out or (os.path.join(args.ckpt, "eval.json") if folder else None)
+    out = args.out or (os.path.join(weights_dir(args.ckpt), "eval.json") if folder else None)
     mode = args.mode or (run_mode(args.ckpt) if folder else "think")
     maps_dir = os.path.join(os.path.dirname(os.path.abspath(out)) if out else "out", "maps")
     model, processor = load_model(args.ckpt, args.device)
     results = evaluate_suites(model, processor, names, args.n, mode, maps=args.maps, maps_dir=maps_dir, **kw)
     if out:
-        saved = read_json(out) if folder and not args.out else {}
+        saved = saved_results(args.ckpt) if folder and not args.out else {}
         write_json(dict(saved, ckpt=args.ckpt, mode=mode, suites={**saved.get("suites", {}), **results}), out)
     print(table(results))
 

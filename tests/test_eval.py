@@ -150,9 +150,27 @@ def test_method_name_and_mode():
     assert ev.run_mode("out/does-not-exist/ral-zero-s1") == "zero" and ev.run_mode("out/nothing/grpo") == "think"
 
 
-def test_unknown_suite_is_a_clear_error():
+def test_reads_the_trainers_run_folder(tmp_path):
+    # ral.py: <run>/run_config.json, weights and a flat eval.json (its held-out result) in <run>/ckpt
+    run = tmp_path / "ral-zero-s0"
+    ev.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
+    ev.write_json(fake_result(0.5, n=128), str(run / "ckpt" / "eval.json"))
+    (run / "ckpt" / "config.json").write_text("{}")
+    assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
+    saved = ev.saved_results(str(run))
+    assert saved["suites"]["search-256"]["n"] == 128
+    assert ev.compare([str(run)], ["search-256"]).splitlines()[2].startswith("| ral-zero | 1 | 50.0 ± ")
+
+
+@pytest.mark.parametrize("bad", ["serch-64", "search-", "search-8x4", "video-x16", "video-8x"])
+def test_unknown_suite_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="unknown suite"):
-        ev.suite("serch-64")
+        ev.suite(bad)
+
+
+def test_video_suite_with_tokens_per_frame():
+    assert ev.suite("video-4x64", n=1)[0]["id"].startswith("video-64-")
+    assert ev.suite("video-4", n=1)[0]["id"].startswith("video-16-")
 
 
 # ----------------------------------------------------------------------------------------------------------------
