@@ -1,10 +1,13 @@
 """
 Measuring: accuracy on the offline suites and on JSONL benchmarks, attention maps as pictures, results tables.
 
-    python eval.py --ckpt out/ral --suite search-256          # one checkpoint, one suite -> out/ral/eval.json
+    python eval.py --ckpt out/ral --suite search-256          # one run, one suite -> out/ral/ckpt/eval.json
     python eval.py --ckpt tiny                                # a fresh random tiny model, every offline suite
     python eval.py --ckpt out/ral --suite my.jsonl --maps 4   # a benchmark, and 4 attention maps per suite
     python eval.py --compare out/grpo-s0 out/grpo-s1 out/ral-s0 out/ral-s1   # seeds grouped: mean ± 95% CI
+
+A run is ral.py's output folder (weights in <run>/ckpt), any save_pretrained folder, or a hub id. Results are
+cached in eval.json beside the weights; --compare evaluates only the suites a run's eval.json lacks.
 
 evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding)
 suite(name, n=None, seed=None)            -> an offline suite ("search-256", "video-8", "video-8x64") or a .jsonl
