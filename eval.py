@@ -301,7 +301,7 @@ def saved_results(path):
     saved = read_json(os.path.join(weights_dir(path), "eval.json"))
     if "accuracy" in saved:
         cfg = run_config(path)
-        name = cfg.get("eval_file") or (f"video-{cfg.get('task_frames')}" if cfg.get("task") == "video"
+        name = cfg.get("eval_file") or (f"video-{cfg.get('task_frames')}x{cfg.get('task_tokens')}" if cfg.get("task") == "video"
                                         else f"search-{cfg.get('task_tokens')}" if cfg else "held-out")
         saved = dict(mode=run_mode(path), suites={name: saved})
     return saved

@@ -120,6 +120,8 @@ def configure(defaults, argv):
         cfg[key] = value
     if cfg["algo"] not in ("grpo", "ral"):
         raise ValueError(f"--algo must be grpo or ral, got {cfg['algo']!r}")
+    if not 1 <= cfg["mini_batches"] <= cfg["group_size"]:
+        raise ValueError("mini_batches must be between 1 and group_size: each mini-batch takes a slice of every group")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
     return cfg
@@ -149,20 +151,11 @@ def with_responses(batch, response, response_mask):
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
-def split_rows(batch, size):
-    """Split a batch of G sequences that share one prompt (a group) into pieces of `size` sequences; visual tensors
-    hold the same number of rows for every sequence, so they split evenly."""
+def take_rows(batch, i, j):
+    """Sequences i..j-1 of a group (G sequences sharing one prompt); the visual tensors hold the same number of
+    rows for every sequence, so they slice evenly."""
     n = batch["input_ids"].shape[0]
-    pieces = []
-    for i in range(0, n, size):
-        j = min(i + size, n)
-        piece = {k: v[i:j] for k, v in batch.items() if k not in VISUAL_KEYS}
-        for k in VISUAL_KEYS:
-            if k in batch:
-                v, per = batch[k], len(batch[k]) // n
-                piece[k] = v[i * per:j * per]
-        pieces.append(piece)
-    return pieces
+    return {k: v[i * (len(v) // n):j * (len(v) // n)] if k in VISUAL_KEYS else v[i:j] for k, v in batch.items()}
 
 
 def to_device(batch, device):
@@ -238,20 +231,23 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
         t1 = time.time()
         full = with_responses(batch, response, response_mask)
         P = batch["input_ids"].shape[1]
-        for piece, rows in zip(split_rows(full, cfg["micro_batch"] or G), range(0, G, cfg["micro_batch"] or G)):
-            n = piece["input_ids"].shape[0]
-            R = response.shape[1]
-            logp, p = policy_forward(model, piece, R)
-            ref_logp = policy_forward(ref_model, piece, R, attention=False)[0] if cfg["beta"] > 0 else logp
-            mask = response_mask[rows:rows + n].float()
-            vis, tgt = visual[rows:rows + n].to(p), target[rows:rows + n].to(p)
-            pieces.append(dict(batch=piece, R=R, mask=mask, adv=adv[rows:rows + n], old_logp=logp, old_p=p,
-                               ref_logp=ref_logp))
-            # where the rollout policy looks (response rows, over the prompt's visual and target tokens)
-            entropy = -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0)).sum(-1)
-            stats.append(dict(tokens=mask.sum().item(), attn_entropy=(entropy * mask).sum().item(),
-                              attn_visual=((p[..., :P] * vis[:, None]).sum(-1) * mask).sum().item(),
-                              attn_target=((p[..., :P] * tgt[:, None]).sum(-1) * mask).sum().item()))
+        # mini-batch k takes the k-th slice of every group, so its contents do not depend on how groups are spread
+        # over ranks; micro_batch splits a slice further to bound memory
+        chunk = math.ceil(G / cfg["mini_batches"])
+        for mb, first in enumerate(range(0, G, chunk)):
+            for i in range(first, min(first + chunk, G), cfg["micro_batch"] or chunk):
+                j = min(i + (cfg["micro_batch"] or chunk), first + chunk, G)
+                piece, R = take_rows(full, i, j), response.shape[1]
+                logp, p = policy_forward(model, piece, R)
+                ref_logp = policy_forward(ref_model, piece, R, attention=False)[0] if cfg["beta"] > 0 else logp
+                mask, vis, tgt = response_mask[i:j].float(), visual[i:j].to(p), target[i:j].to(p)
+                pieces.append(dict(batch=piece, R=R, mask=mask, adv=adv[i:j], old_logp=logp, old_p=p,
+                                   ref_logp=ref_logp, mb=mb))
+                # where the rollout policy looks (response rows, over the prompt's visual and target tokens)
+                entropy = -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0)).sum(-1)
+                stats.append(dict(tokens=mask.sum().item(), attn_entropy=(entropy * mask).sum().item(),
+                                  attn_visual=((p[..., :P] * vis[:, None]).sum(-1) * mask).sum().item(),
+                                  attn_target=((p[..., :P] * tgt[:, None]).sum(-1) * mask).sum().item()))
         stats.append(dict(reward=rewards.sum().item(), accuracy=sum(s["accuracy"] for s in scores),
                           format=sum(s["format"] for s in scores), responses=G,
                           no_spread=float(bool((rewards == rewards[0]).all())), groups=1,
@@ -271,7 +267,7 @@ def update(model, optimizer, pieces, cfg, world):
     params = [p for p in model.parameters() if p.requires_grad]
     stats = []
     for _ in range(cfg["epochs"]):
-        for mb in [pieces[i::cfg["mini_batches"]] for i in range(cfg["mini_batches"])]:
+        for mb in [[p for p in pieces if p["mb"] == k] for k in range(cfg["mini_batches"])]:
             n_tokens = torch.tensor(float(sum(p["mask"].sum() for p in mb)), device=mb[0]["mask"].device)
             if world > 1:
                 dist.all_reduce(n_tokens)
@@ -376,7 +372,7 @@ def load_samples(cfg):
         folder = os.path.join(cfg["out_dir"], "videos")
         offline = data.video_task(cfg["train_size"], seed=cfg["seed"], frames=cfg["task_frames"], folder=folder,
                                   tokens_per_frame=cfg["task_tokens"])
-        suite = f"video-{cfg['task_frames']}"
+        suite = f"video-{cfg['task_frames']}x{cfg['task_tokens']}"
     else:
         raise ValueError(f"--task must be search or video, got {cfg['task']!r}")
     sft_samples = data.load_dataset(cfg["sft_file"]) if cfg["sft_file"] else offline
@@ -386,20 +382,24 @@ def load_samples(cfg):
 
 
 def warm_start(cfg, mode, device, rank, world):
-    """The RL starting point: the SFT checkpoint if it exists, else SFT now and save it. Returns its folder."""
+    """The RL starting point, as a folder: the SFT checkpoint if it exists, else build or load the model, run SFT
+    (sft_steps > 0) and save it there. A real checkpoint with sft_steps=0 is used as it is."""
     from model import build_tiny, load
+    if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
+        return cfg["init_from"]
     tag = "zero" if cfg["zero"] else "think"
-    path = cfg["warm_dir"] or os.path.join(os.path.dirname(cfg["out_dir"]) or ".",
+    path = cfg["warm_dir"] or os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".",
                                            f"warm-{cfg['task']}{cfg['task_tokens']}-{tag}-s{cfg['seed']}")
-    if os.path.exists(os.path.join(path, "config.json")) or cfg["sft_steps"] == 0:
-        return path if cfg["sft_steps"] else cfg["init_from"]
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
     if cfg["init_from"] == "tiny":
         model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
         model.to(device)
     else:
         model, processor = load(cfg["init_from"], device)
-    sft_samples, _, _ = load_samples(cfg)
-    sft(model, processor, sft_samples, cfg, mode, device, rank, world)
+    if cfg["sft_steps"]:
+        sft(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, processor,
+            load_samples(cfg)[0], cfg, mode, device, rank, world)
     if rank == 0:
         save_checkpoint(path, model, processor, None, dict(stage="sft"))
         print(f"warm start saved to {path}")
