@@ -104,11 +104,11 @@ def _where(box, side):
     return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
-def _question(rng, letter, stem):
-    """A colour question with 4 options; the true colour sits at `letter`. Returns question, options, colours."""
-    colour = rng.choice(list(PALETTE))
-    wrong = rng.sample([c for c in PALETTE if c != colour], 3)
-    colours = wrong[:LETTERS.index(letter)] + [colour] + wrong[LETTERS.index(letter):]
+def _question(letter, stem):
+    """A colour question with 4 options in one fixed order (A. red, B. green, C. blue, D. yellow): the text is the
+    same for every sample, so only the image tells the answer, and a small model needs no option lookup to learn
+    it. Returns question, options, colours."""
+    colours = list(PALETTE)[:4]
     options = [f"{L}. {c}" for L, c in zip(LETTERS, colours)]
     return stem + "\n" + "\n".join(options), options, colours
 
@@ -134,7 +134,7 @@ def search_task(n, seed=0, tokens=64, clutter=None):
     rng = random.Random(f"search-{seed}-{tokens}-{clutter}")
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options, colours = _question(rng, letter, "What colour is the star?")
+        question, options, colours = _question(letter, "What colour is the star?")
         colour = colours[LETTERS.index(letter)]
         img, box = _scene(rng, side, clutter, colour, colours)
         samples.append(dict(id=f"search-{tokens}-{seed}-{i}", question=question, options=options, answer=letter,
@@ -169,7 +169,7 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
     rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}")
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options, colours = _question(rng, letter, "What colour is the star in the video?")
+        question, options, colours = _question(letter, "What colour is the star in the video?")
         colour = colours[LETTERS.index(letter)]
         needle = rng.randrange(frames)
         scenes = [_scene(rng, side, clutter, colour, colours, with_target=(f == needle)) for f in range(frames)]

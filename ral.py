@@ -259,11 +259,34 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
     return pieces, stats, samples_log, times
 
 
-def update(model, optimizer, pieces, cfg, world):
-    """mini_batches x epochs optimizer steps over one rollout: -clipped surrogate + beta KL + lambda A JSD (Eq. 4),
-    each a token mean over the global response-token count of its mini-batch."""
-    from model import policy_forward
+def rl_terms(logp, p, piece, cfg, n_tokens):
+    """Eq. 4 on one piece, from the forward's log-probs and attention: -clipped surrogate + beta KL + lambda A JSD.
+    Returns the loss and per-token sums for logging."""
     lam = cfg["lambda_attn"] if cfg["algo"] == "ral" else 0.0
+    m = piece["mask"]
+    loss, clipped, kl = token_loss(logp, piece["old_logp"], piece["ref_logp"], piece["adv"], m, n_tokens,
+                                   cfg["clip_eps"], cfg["beta"])
+    stats = dict(kl=(kl * m).sum().item(), clip=(clipped * m).sum().item(), update_tokens=m.sum().item(),
+                 attn_jsd=0.0)
+    if lam > 0:
+        attn, d = attention_loss(p, piece["old_p"], piece["adv"], m, n_tokens)
+        loss = loss + lam * attn
+        stats["attn_jsd"] = (d * m).sum().item()
+    return loss, stats
+
+
+def rl_loss(model, piece, cfg, n_tokens):
+    """One piece's forward and its Eq. 4 loss (the default `piece_loss` of update)."""
+    from model import policy_forward
+    attention = cfg["algo"] == "ral" and cfg["lambda_attn"] > 0
+    logp, p = policy_forward(model, piece["batch"], piece["R"], attention=attention)
+    return rl_terms(logp, p, piece, cfg, n_tokens)
+
+
+def update(model, optimizer, pieces, cfg, world, piece_loss=rl_loss):
+    """mini_batches x epochs optimizer steps over one rollout: -clipped surrogate + beta KL + lambda A JSD (Eq. 4),
+    each a token mean over the global response-token count of its mini-batch. `piece_loss(model, piece, cfg,
+    n_tokens) -> (loss, stats)` is the per-piece objective (distill.py passes Eq. 6)."""
     params = [p for p in model.parameters() if p.requires_grad]
     stats = []
     for _ in range(cfg["epochs"]):
@@ -275,24 +298,17 @@ def update(model, optimizer, pieces, cfg, world):
             for j, piece in enumerate(mb):
                 sync = j == len(mb) - 1 or world == 1
                 with nullcontext() if sync else model.no_sync():
-                    logp, p = policy_forward(model, piece["batch"], piece["R"], attention=lam > 0)
-                    loss, clipped, kl = token_loss(logp, piece["old_logp"], piece["ref_logp"], piece["adv"],
-                                                   piece["mask"], n_tokens, cfg["clip_eps"], cfg["beta"])
-                    if lam > 0:
-                        attn, d = attention_loss(p, piece["old_p"], piece["adv"], piece["mask"], n_tokens)
-                        loss = loss + lam * attn
+                    loss, s = piece_loss(model, piece, cfg, n_tokens)
                     (loss * world).backward()     # DDP averages gradients over ranks; the loss is a global sum
-                m = piece["mask"]
-                stats.append(dict(loss=loss.item() * n_tokens.item(), kl=(kl * m).sum().item(),
-                                  clip=(clipped * m).sum().item(), update_tokens=m.sum().item(),
-                                  attn_jsd=(d * m).sum().item() if lam > 0 else 0.0))
+                stats.append(dict(s, loss=loss.item() * n_tokens.item()))
             stats.append(dict(grad_norm=torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item(), opt_steps=1))
             optimizer.step()
     return stats
 
 
-def reduce_stats(stats, world, device):
-    """Sum every stat over pieces and ranks, then turn sums into means per token / response / group."""
+def reduce_stats(stats, world, device, per_token=()):
+    """Sum every stat over pieces and ranks, then turn sums into means per token / response / group. `per_token`:
+    extra keys (sums over update tokens) to report as token means."""
     keys = sorted({k for s in stats for k in s})
     totals = torch.tensor([sum(s.get(k, 0.0) for s in stats) for k in keys], dtype=torch.float64, device=device)
     if world > 1:
@@ -300,7 +316,7 @@ def reduce_stats(stats, world, device):
     t = dict(zip(keys, totals.tolist()))
     out = {k: t[k] / t["responses"] for k in ("reward", "accuracy", "format", "response_len")}
     out.update({k: t[k] / t["tokens"] for k in ("attn_entropy", "attn_visual", "attn_target")})
-    out.update({k: t[k] / t["update_tokens"] for k in ("kl", "clip", "attn_jsd", "loss")})
+    out.update({k: t[k] / t["update_tokens"] for k in ("kl", "clip", "attn_jsd", "loss", *per_token)})
     out["no_spread_groups"] = t["no_spread"] / t["groups"]
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
     return out
@@ -327,14 +343,14 @@ def load_state(path):
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
 
 
-def plot_curves(metrics_path, png_path):
+def plot_curves(metrics_path, png_path, extra=()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(metrics_path)]
     keys = ["reward", "accuracy", "format", "no_spread_groups", "kl", "clip", "attn_jsd", "attn_entropy",
-            "attn_visual", "attn_target", "response_len", "grad_norm"]
-    fig, axes = plt.subplots(3, 4, figsize=(16, 9))
+            "attn_visual", "attn_target", "response_len", "grad_norm", *extra]
+    fig, axes = plt.subplots(math.ceil(len(keys) / 4), 4, figsize=(16, 3 * math.ceil(len(keys) / 4)), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         ax.plot([r["step"] for r in rows], [r[k] for r in rows])
         ax.set_title(k)
@@ -377,11 +393,12 @@ def load_samples(cfg):
         raise ValueError(f"--task must be search or video, got {cfg['task']!r}")
     sft_samples = data.load_dataset(cfg["sft_file"]) if cfg["sft_file"] else offline
     train = data.load_dataset(cfg["train_file"]) if cfg["train_file"] else offline
-    held_out = data.load_dataset(cfg["eval_file"]) if cfg["eval_file"] else evaluation.suite(suite, n=cfg["eval_n"])
+    held_out = data.load_dataset(cfg["eval_file"])[:cfg["eval_n"] or None] if cfg["eval_file"] else \
+        evaluation.suite(suite, n=cfg["eval_n"]) if cfg["eval_n"] else []
     return sft_samples, train, held_out
 
 
-def warm_start(cfg, mode, device, rank, world):
+def warm_start(cfg, sft_samples, mode, device, rank, world):
     """The RL starting point, as a folder: the SFT checkpoint if it exists, else build or load the model, run SFT
     (sft_steps > 0) and save it there. A real checkpoint with sft_steps=0 is used as it is."""
     from model import build_tiny, load
@@ -399,7 +416,7 @@ def warm_start(cfg, mode, device, rank, world):
         model, processor = load(cfg["init_from"], device)
     if cfg["sft_steps"]:
         sft(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, processor,
-            load_samples(cfg)[0], cfg, mode, device, rank, world)
+            sft_samples, cfg, mode, device, rank, world)
     if rank == 0:
         save_checkpoint(path, model, processor, None, dict(stage="sft"))
         print(f"warm start saved to {path}")
@@ -408,11 +425,14 @@ def warm_start(cfg, mode, device, rank, world):
     return path
 
 
-def main(argv):
+def main(argv, defaults=DEFAULTS, setup=None):
+    """The RL run. distill.py reuses it: `defaults` adds its options and `setup(cfg, mode, device, rank, world)`
+    returns dict(start=the student's starting folder, piece_loss=its objective for update, stats=extra per-token
+    metric keys, name=the run's label); the default setup is the warm start and Eq. 4."""
     import eval as evaluation
     from model import load
     from tqdm import tqdm
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(defaults, argv)
     rank, world, device = setup_distributed(cfg)
     if cfg["prompts_per_step"] % world:
         raise ValueError(f"prompts_per_step={cfg['prompts_per_step']} must divide among {world} ranks")
@@ -425,7 +445,8 @@ def main(argv):
         os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "run_config.json"))
     t_start = time.time()
 
-    start = warm_start(cfg, mode, device, rank, world)
+    sft_samples, train, held_out = load_samples(cfg)
+    start = warm_start(cfg, sft_samples, mode, device, rank, world)
     ckpt = os.path.join(out, "ckpt")
     resume = cfg["resume"] and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
     model, processor = load(ckpt if resume else start, device)
@@ -441,10 +462,9 @@ def main(argv):
         torch.set_rng_state(state["rng"]["cpu"])
         step, results = state["step"], json.loads(state["results"])
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    _, train, held_out = load_samples(cfg)
 
     def evaluate(tag):
-        if rank == 0:
+        if rank == 0 and held_out:
             r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"])
             results[tag] = r
             print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -458,7 +478,7 @@ def main(argv):
     if rank == 0 and not resume:
         open(metrics_path, "w").close()
         open(os.path.join(out, "samples.jsonl"), "w").close()
-    bar = tqdm(range(step, cfg["rl_steps"]), desc=cfg["algo"] + ("-zero" if cfg["zero"] else ""), disable=rank != 0,
+    bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0,
                initial=step, total=cfg["rl_steps"])
     for step in bar:
         # every rank draws the same global prompts for this step and takes its own share of whole groups
@@ -470,9 +490,10 @@ def main(argv):
                                                     step, rank * per_rank, device)
         model.train()
         t1 = time.time()
-        stats += update(train_model, optimizer, pieces, cfg, world)
-        row = dict(step=step + 1, **reduce_stats(stats, world, device), time_generate=times["generate"],
-                   time_score=times["score"], time_update=time.time() - t1, time_step=time.time() - t0)
+        stats += update(train_model, optimizer, pieces, cfg, world, hooks.get("piece_loss", rl_loss))
+        row = dict(step=step + 1, **reduce_stats(stats, world, device, hooks.get("stats", ())),
+                   time_generate=times["generate"], time_score=times["score"], time_update=time.time() - t1,
+                   time_step=time.time() - t0)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -491,12 +512,13 @@ def main(argv):
     if rank == 0:
         results["wall_time_s"] = time.time() - t_start
         json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
-        json.dump(results["after_rl"], open(os.path.join(ckpt, "eval.json"), "w"), indent=1)
         if os.path.getsize(metrics_path):
-            plot_curves(metrics_path, os.path.join(out, "curves.png"))
-        b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
-        print(f"held-out accuracy {b:.3f} -> {a:.3f} after {cfg['algo']}; results, curves and samples in {out}/, "
-              f"checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
+            plot_curves(metrics_path, os.path.join(out, "curves.png"), hooks.get("stats", ()))
+        if held_out:
+            json.dump(results["after_rl"], open(os.path.join(ckpt, "eval.json"), "w"), indent=1)
+            b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
+            print(f"held-out accuracy {b:.3f} -> {a:.3f} after {cfg['algo']}")
+        print(f"results, curves and samples in {out}/, checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
     if world > 1:
         dist.destroy_process_group()
     return results
