@@ -132,3 +132,20 @@ def test_tiny_is_seeded():
     a, _ = M.build_tiny(seed=3)
     b, _ = M.build_tiny(seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_capture_gradients_survive_gradient_checkpointing():
+    """The captured p leaves the checkpointed layer as a side output; its gradient must still reach the weights."""
+    model, processor = M.build_tiny(seed=4)
+    batch = image_batch(processor)
+    weights = torch.randn(2, R, batch["input_ids"].shape[1], generator=torch.Generator().manual_seed(2))
+    params = [p for p in model.model.language_model.parameters()]
+    model.train()
+
+    def grads():
+        logp, p = M.policy_forward(model, batch, R)
+        return torch.autograd.grad((p * weights).sum() + logp.sum(), params)
+    plain = grads()
+    model.activation_checkpointing_enable(dict(use_reentrant=False))
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
