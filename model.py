@@ -146,15 +146,18 @@ AttentionInterface.register("ral_sdpa", ral_sdpa)
 AttentionMaskInterface.register("ral_sdpa", sdpa_mask)
 
 
-def policy_forward(model, batch, response_len, attention=True):
+def policy_forward(model, batch, response_len, attention=True, full=False):
     """One forward over prompt + response (left-padded prompts, response in the last `response_len` columns).
-    Returns per-token log-probs of the response tokens (B x R) and, if asked, the attention policy (B x R x T)."""
+    Returns per-token log-probs of the response tokens (B x R) and, if asked, the attention policy (B x R x T);
+    with full=True also the whole log-softmax over the vocabulary at each response position (B x R x V)."""
     capture = dict(rows=response_len) if attention else None
     out = model(**batch, capture=capture, logits_to_keep=response_len + 1, use_cache=False)
     logits = out.logits[:, :-1].float()                        # position t-1 predicts token t
     targets = batch["input_ids"][:, -response_len:]
-    logp = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, (capture["p"] if attention else None)
+    logprobs = logits.log_softmax(-1)
+    logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
+    p = capture["p"] if attention else None
+    return (logp, p, logprobs) if full else (logp, p)
 
 
 @torch.no_grad()

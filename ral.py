@@ -426,9 +426,9 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
 
 
 def main(argv, defaults=DEFAULTS, setup=None):
-    """The RL run. distill.py reuses it: `defaults` adds its options and `setup(cfg, mode, device, rank, world)`
-    returns dict(start=the student's starting folder, piece_loss=its objective for update, stats=extra per-token
-    metric keys, name=the run's label); the default setup is the warm start and Eq. 4."""
+    """The RL run. distill.py reuses it: `defaults` adds its options and `setup(cfg, sft_samples, mode, device,
+    rank, world)` returns dict(start=the student's starting folder, piece_loss=its objective for update,
+    stats=extra per-token metric keys, name=the run's label); the default is the warm start and Eq. 4."""
     import eval as evaluation
     from model import load
     from tqdm import tqdm
@@ -446,7 +446,9 @@ def main(argv, defaults=DEFAULTS, setup=None):
     t_start = time.time()
 
     sft_samples, train, held_out = load_samples(cfg)
-    start = warm_start(cfg, sft_samples, mode, device, rank, world)
+    hooks = setup(cfg, sft_samples, mode, device, rank, world) if setup else \
+        dict(start=warm_start(cfg, sft_samples, mode, device, rank, world))
+    start, name = hooks["start"], hooks.get("name", cfg["algo"] + ("-zero" if cfg["zero"] else ""))
     ckpt = os.path.join(out, "ckpt")
     resume = cfg["resume"] and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
     model, processor = load(ckpt if resume else start, device)
@@ -517,7 +519,7 @@ def main(argv, defaults=DEFAULTS, setup=None):
         if held_out:
             json.dump(results["after_rl"], open(os.path.join(ckpt, "eval.json"), "w"), indent=1)
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
-            print(f"held-out accuracy {b:.3f} -> {a:.3f} after {cfg['algo']}")
+            print(f"held-out accuracy {b:.3f} -> {a:.3f} after {name}")
         print(f"results, curves and samples in {out}/, checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
     if world > 1:
         dist.destroy_process_group()

@@ -1,0 +1,182 @@
+"""On-Policy Attention Distillation (Eq. 5 and 6): the reverse KL, the attention term's gradient at the first step,
+JSD going down, gamma_attn = 0 being exactly the KD baseline, the teacher/student pair check, and a run that resumes."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import data
+import distill
+import ral
+from model import Processor, build_tiny, build_tokenizer, policy_forward
+
+SMALL = ["--sft_steps=0", "--teacher_sft_steps=0", "--teacher_layers=2", "--tiny_layers=1", "--tiny_hidden=64",
+         "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=6", "--eval_n=2", "--task_tokens=16",
+         "--train_size=8"]
+
+
+def spread_reward(text, sample, mode="think"):
+    """Non-zero advantages on a random model (the real reward is 0 for every response)."""
+    return dict(reward=(len(text) % 3) / 2, accuracy=0.0, format=0.0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A 1-layer student and a 2-layer teacher whose final layer attends sharply (random models look almost
+    uniformly, so the two attention policies would nearly agree), on one fixed rollout of the student."""
+    student, processor = build_tiny(layers=1, hidden=64, seed=1)
+    teacher, _ = build_tiny(layers=2, hidden=64, seed=2)
+    with torch.no_grad():
+        teacher.model.language_model.layers[-1].self_attn.q_proj.weight.mul_(20)
+    teacher.eval().requires_grad_(False)
+    cfg = dict(ral.DEFAULTS, algo="grpo", group_size=4, max_new_tokens=6, beta=0.0, mini_batches=2)
+    torch.manual_seed(0)
+    pieces = ral.rollout(student, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
+                         "cpu")[0]
+    return student, teacher, processor, cfg, pieces
+
+
+def mean_jsd(student, teacher, pieces):
+    with torch.no_grad():
+        total = sum((ral.jsd(policy_forward(student, pc["batch"], pc["R"])[1],
+                             distill.teacher_forward(teacher, pc, "cpu")[1]) * pc["mask"]).sum() for pc in pieces)
+    return (total / sum(pc["mask"].sum() for pc in pieces)).item()
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_reverse_kl_is_kl_student_to_teacher():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 11).log_softmax(-1), torch.randn(3, 5, 11).log_softmax(-1)
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=s),
+                                                 torch.distributions.Categorical(logits=t))
+    assert torch.allclose(distill.reverse_kl(s, t), expected, atol=1e-6)
+    assert distill.reverse_kl(s, s).abs().max() < 1e-6
+    assert not torch.allclose(distill.reverse_kl(s, t), distill.reverse_kl(t, s), atol=1e-3)   # not symmetric
+    # a teacher head padded with 2 extra rows (e.g. Qwen2.5-VL-3B vs 7B) is cut and renormalized
+    padded = torch.cat([t, torch.randn(3, 5, 2)], -1).log_softmax(-1)
+    assert torch.allclose(distill.reverse_kl(s, padded), expected, atol=1e-5)
+
+
+def test_attention_distillation_gradient_is_nonzero_at_the_first_step(pair):
+    """RAL's JSD to p_old has zero gradient while the weights equal the rollout's; Eq. 5's JSD to the teacher
+    does not."""
+    student, teacher, _, _, pieces = pair
+    piece = pieces[0]
+    n = piece["mask"].sum()
+    grads = {}
+    for name in ("ral", "distill"):
+        student.zero_grad(set_to_none=True)
+        _, p = policy_forward(student, piece["batch"], piece["R"])
+        target = piece["old_p"] if name == "ral" else distill.teacher_forward(teacher, piece, "cpu")[1]
+        ((ral.jsd(p, target) * piece["mask"]).sum() / n).backward()
+        grads[name] = torch.cat([q.grad.flatten() for q in student.parameters() if q.grad is not None]).norm()
+    student.zero_grad(set_to_none=True)
+    assert grads["distill"] > 1e-4
+    assert grads["ral"] < 1e-3 * grads["distill"]
+
+
+def test_a_few_steps_lower_the_attention_jsd(pair):
+    """Attention distillation alone (mu = 0; the fixed rollout's rewards are all 0, so no RL signal)."""
+    student, teacher, _, cfg, pieces = pair
+    assert all(pc["adv"].abs().sum() == 0 for pc in pieces)
+    model = copy.deepcopy(student).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    before = mean_jsd(model, teacher, pieces)
+    for _ in range(4):
+        ral.update(model, opt, pieces, cfg, 1, distill.distill_loss(teacher, mu=0.0, gamma_attn=1.0))
+    after = mean_jsd(model, teacher, pieces)
+    assert before > 1e-3 and after < 0.7 * before, (before, after)
+
+
+def test_gamma_zero_is_exactly_the_kd_baseline(pair, monkeypatch):
+    """With gamma_attn = 0 the update is bit-for-bit L_RL + mu * reverse KL, written out here on its own (no
+    attention capture); gamma_attn > 0 changes it."""
+    monkeypatch.setattr(data, "reward", spread_reward)
+    student, teacher, processor, cfg, _ = pair
+    torch.manual_seed(0)
+    pieces = ral.rollout(student, None, processor, data.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
+                         "cpu")[0]
+    assert any(pc["adv"].abs().sum() > 0 for pc in pieces)
+    mu = 0.7
+
+    def kd(model, piece, cfg, n_tokens):
+        logp, _, logprobs = policy_forward(model, piece["batch"], piece["R"], attention=False, full=True)
+        loss, stats = ral.rl_terms(logp, None, piece, cfg, n_tokens)
+        kl = distill.reverse_kl(logprobs, distill.teacher_forward(teacher, piece, "cpu")[0])
+        return loss + mu * (kl * piece["mask"]).sum() / n_tokens, stats
+
+    final, losses = {}, {}
+    for name, loss in (("kd", kd), ("gamma0", distill.distill_loss(teacher, mu, 0.0)),
+                       ("gamma", distill.distill_loss(teacher, mu, 0.5))):
+        model = copy.deepcopy(student).train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        stats = ral.update(model, opt, pieces, cfg, 1, loss)
+        final[name], losses[name] = params(model), [s["loss"] for s in stats if "loss" in s]
+    assert (final["kd"] - params(student)).abs().max() > 1e-3
+    assert losses["gamma0"] == losses["kd"] and torch.equal(final["gamma0"], final["kd"])
+    assert losses["gamma"] != losses["kd"] and not torch.equal(final["gamma"], final["kd"])
+
+
+def test_teacher_on_another_dtype(pair):
+    student, teacher, _, cfg, pieces = pair
+    n = pieces[0]["mask"].sum()
+    stats = {}
+    for name, t in (("fp32", teacher), ("bf16", copy.deepcopy(teacher).to(torch.bfloat16))):
+        with torch.no_grad():
+            loss, stats[name] = distill.distill_loss(t, 1.0, 0.5)(student, pieces[0], cfg, n)
+        assert torch.isfinite(loss)
+    assert abs(stats["bf16"]["rkl"] - stats["fp32"]["rkl"]) < 0.05 * stats["fp32"]["rkl"]
+
+
+def test_pair_check_names_what_differs():
+    student, processor = build_tiny(layers=1, hidden=64)
+    teacher, _ = build_tiny(layers=2, hidden=128)
+    assert distill.pair_problems(processor, teacher.config, processor, student.config) == []   # depth/width may differ
+    ip = processor.image_processor
+    other_tok = Processor(build_tokenizer(vocab_size=400), ip)
+    assert "tokenizer vocabularies differ" in distill.pair_problems(other_tok, teacher.config, processor,
+                                                                    student.config)[0]
+    other_ip = Processor(processor.tokenizer, Qwen2VLImageProcessorPil(patch_size=16, image_mean=[0.5, 0.5, 0.5]))
+    problems = " ".join(distill.pair_problems(other_ip, teacher.config, processor, student.config))
+    assert "patch_size: teacher 16, student 14" in problems and "image_mean" in problems
+    config = copy.deepcopy(teacher.config)
+    config.vision_config.spatial_merge_size, config.image_token_id = 4, 7
+    problems = " ".join(distill.pair_problems(processor, config, processor, student.config))
+    assert "spatial_merge_size: teacher 4, student 2" in problems and "image_token_id: teacher 7" in problems
+
+
+def test_mismatched_pair_fails_before_training(tmp_path):
+    model, processor = build_tiny(layers=1, hidden=64)
+    Processor(build_tokenizer(vocab_size=400), processor.image_processor).save_pretrained(tmp_path / "teacher")
+    model.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="do not share tokenization.*tokenizer vocabularies differ"):
+        distill.main([f"--out_dir={out}", f"--teacher={tmp_path / 'teacher'}", "--rl_steps=1", *SMALL])
+    assert not os.path.exists(out / "metrics.jsonl") and not os.path.exists(out / "ckpt")
+
+
+def test_run_logs_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """ral.py's trainer with the distillation loss: metrics carry the reverse KL and the attention JSD, a split
+    run resumed from its checkpoint ends where the whole run does."""
+    monkeypatch.setattr(data, "reward", spread_reward)
+    common = [*SMALL, "--ckpt_every=1", f"--warm_dir={tmp_path / 'student'}"]
+    results = distill.main([f"--out_dir={tmp_path / 'whole'}", "--rl_steps=2", *common])
+    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=1", *common])
+    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=2", "--resume=True", *common])
+    rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rkl"] > 0 and r["distill_jsd"] > 0 for r in rows)
+    assert {"before_rl", "after_rl"} <= set(results)
+    a, b = saved_params(tmp_path / "whole"), saved_params(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.path.exists(tmp_path / "whole" / "curves.png") and os.path.exists(tmp_path / "warm-search16-think-s0")
+
+
+def saved_params(run):
+    from model import load
+    return {k: v.clone() for k, v in load(str(run / "ckpt"))[0].state_dict().items()}
