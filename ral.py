@@ -88,7 +88,8 @@ DEFAULTS = dict(
     mini_batches=2, epochs=1,  # optimizer steps per rollout = mini_batches * epochs (>= 2, see PAPER.md)
     micro_batch=0,             # sequences per forward; 0 = a whole group
     eval_n=128, eval_every=0, ckpt_every=20, log_samples=2,
-    seed=0, device="auto", grad_checkpointing=False, resume=False,
+    seed=0, device="auto", dtype="auto",   # auto: bf16 weights on GPU, fp32 on CPU; GPU forwards also autocast bf16
+    grad_checkpointing=False, resume=False,
 )
 
 
@@ -451,10 +452,12 @@ def main(argv, defaults=DEFAULTS, setup=None):
     start, name = hooks["start"], hooks.get("name", cfg["algo"] + ("-zero" if cfg["zero"] else ""))
     ckpt = os.path.join(out, "ckpt")
     resume = cfg["resume"] and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
-    model, processor = load(ckpt if resume else start, device)
-    ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
+    dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])
+    model, processor = load(ckpt if resume else start, device, dtype)
+    ref_model = load(start, device, dtype)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     if cfg["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        model.activation_checkpointing_enable(dict(use_reentrant=False))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step, results = 0, {}
@@ -488,11 +491,12 @@ def main(argv, defaults=DEFAULTS, setup=None):
         idx = torch.randint(len(train), (cfg["prompts_per_step"],), generator=g)[rank * per_rank:(rank + 1) * per_rank]
         t0 = time.time()
         model.eval()
-        pieces, stats, samples_log, times = rollout(model, ref_model, processor, [train[i] for i in idx], cfg, mode,
-                                                    step, rank * per_rank, device)
-        model.train()
-        t1 = time.time()
-        stats += update(train_model, optimizer, pieces, cfg, world, hooks.get("piece_loss", rl_loss))
+        with autocast:
+            pieces, stats, samples_log, times = rollout(model, ref_model, processor, [train[i] for i in idx], cfg,
+                                                        mode, step, rank * per_rank, device)
+            model.train()
+            t1 = time.time()
+            stats += update(train_model, optimizer, pieces, cfg, world, hooks.get("piece_loss", rl_loss))
         row = dict(step=step + 1, **reduce_stats(stats, world, device, hooks.get("stats", ())),
                    time_generate=times["generate"], time_score=times["score"], time_update=time.time() - t1,
                    time_step=time.time() - t0)
