@@ -1,0 +1,250 @@
+"""
+Performance: what a step costs. Everything is measured side by side in one run, interleaved and repeated;
+the tables report medians and paired ratios (CPU timings on a shared machine are noisy, ratios much less so).
+
+    python bench.py                                   # both benchmarks at the default sizes
+    python bench.py --what capture --seq 256,1024 --repeats 5 --sizes 4x128x4,8x512x8
+    python bench.py --what step --step-size 8x512x8
+
+capture: forward + backward of one batch of random text (B x T, the last R rows are "the response") under
+    sdpa     plain SDPA, loss on the response log-probs (what GRPO needs)
+    capture  our "ral_sdpa" kernel, policy_forward(attention=True), loss on the log-probs and on p (what RAL needs)
+    eager    the whole model in eager attention with output_attentions=True, loss on the log-probs and on the
+             last layer's attentions turned into the same p (the obvious way to get the attention)
+  reporting the step time, the activation memory saved for backward (exact: the bytes of every tensor autograd
+  keeps, counted once per storage, parameters excluded) and, in a fresh process per cell, the peak RSS growth.
+step: one GRPO step against one RAL step (ral.rollout + ral.update) on the offline search task, per phase.
+Results go to a markdown table on stdout and to bench.json.
+
+Threads: the default is one torch thread. On a machine shared with other jobs, torch's default (one thread per
+core) makes its threads wait on each other whenever one is descheduled: a 0.1 s step was measured taking 0.15-7 s.
+On a quiet machine, --threads 0 measures what a run with all cores gets.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+import ral
+from model import build_tiny, policy_forward
+
+KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
+
+
+def parse_size(text):
+    layers, hidden, heads = (int(x) for x in text.split("x"))
+    return dict(layers=layers, hidden=hidden, heads=heads, kv_heads=min(2, heads))
+
+
+def random_batch(vocab, batch, seq, seed=0):
+    ids = torch.randint(20, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def without_self(alpha):
+    """Eq. 2 from full attention rows (B x R x T, the last R query positions): drop the self weight, renormalize."""
+    R, T = alpha.shape[-2:]
+    self_key = torch.arange(T - R, T)[:, None] == torch.arange(T)[None, :]
+    alpha = alpha.masked_fill(self_key, 0.0)
+    return alpha / alpha.sum(-1, keepdim=True)
+
+
+def variant_loss(model, batch, rows, variant):
+    """One forward under `variant` and a scalar loss that depends on everything that variant has to differentiate."""
+    model.set_attn_implementation(KERNEL[variant])
+    if variant != "eager":
+        logp, p = policy_forward(model, batch, rows, attention=variant == "capture")
+        return -logp.sum() + (p.square().sum() if p is not None else 0.0)
+    out = model(**batch, output_attentions=True, logits_to_keep=rows + 1, use_cache=False)
+    targets = batch["input_ids"][:, -rows:, None]
+    logp = torch.gather(out.logits[:, :-1].float().log_softmax(-1), 2, targets).squeeze(-1)
+    p = without_self(out.attentions[-1][:, :, -rows:].float().mean(1))
+    return -logp.sum() + p.square().sum()
+
+
+def timed_step(model, batch, rows, variant):
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    variant_loss(model, batch, rows, variant).backward()
+    return time.perf_counter() - t0
+
+
+def saved_bytes(model, batch, rows, variant):
+    """Bytes autograd keeps for backward: every saved tensor's storage once, the parameters not counted."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = variant_loss(model, batch, rows, variant)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def peak_rss_growth(size, seq, batch, rows, variant):
+    """Peak RSS growth (bytes) of one step of `variant`, in a fresh process so earlier peaks do not hide it."""
+    args = [sys.executable, os.path.abspath(__file__), "--_rss", json.dumps([size, seq, batch, rows, variant]),
+            "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=os.path.dirname(args[1]))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_child(spec):
+    size, seq, batch, rows, variant = json.loads(spec)
+    model, processor = build_tiny(**parse_size(size))
+    timed_step(model, random_batch(len(processor.tokenizer), batch, 16), 8, variant)  # one-time setup, not counted
+    b = random_batch(len(processor.tokenizer), batch, seq)
+    before = peak_rss()
+    timed_step(model, b, rows, variant)
+    print(peak_rss() - before)
+
+
+def peak_rss():
+    """This process's peak resident set (bytes), VmHWM. Not getrusage's ru_maxrss: that one survives fork + exec,
+    so a child spawned by a large parent starts with the parent's peak and shows no growth."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def bench_capture(sizes, seqs, batch, rows, repeats, rss):
+    """Per (size, T): median step time and paired ratios of the three variants, saved bytes, RSS growth."""
+    results = []
+    for size in sizes:
+        model, processor = build_tiny(**parse_size(size))
+        model.train()
+        for seq in seqs:
+            R = min(rows, seq // 2)
+            b = random_batch(len(processor.tokenizer), batch, seq)
+            times = {v: [] for v in KERNEL}
+            for rep in range(repeats + 1):                       # repetition 0 is the warm-up
+                order = list(KERNEL) if rep % 2 else list(KERNEL)[::-1]
+                for v in order:
+                    t = timed_step(model, b, R, v)
+                    if rep:
+                        times[v].append(t)
+            for v in KERNEL:
+                row = dict(size=size, T=seq, B=batch, R=R, variant=v, time_s=statistics.median(times[v]),
+                           time_vs_sdpa=statistics.median(a / s for a, s in zip(times[v], times["sdpa"])),
+                           saved_bytes=saved_bytes(model, b, R, v))
+                results.append(row)
+            for r in results[-3:]:
+                r["saved_vs_sdpa"] = r["saved_bytes"] / results[-3]["saved_bytes"]
+            model.set_attn_implementation("ral_sdpa")
+            print(f"  capture {size} T={seq}: " + ", ".join(f"{r['variant']} {r['time_s']:.3f}s"
+                                                            for r in results[-3:]), file=sys.stderr)
+    if rss:   # after all timing, one process at a time, so the subprocesses never run beside a timed step
+        for r in results:
+            r["rss_growth_bytes"] = peak_rss_growth(r["size"], r["T"], r["B"], r["R"], r["variant"])
+    return results
+
+
+def bench_step(size, prompts, group, new_tokens, repeats):
+    """GRPO vs RAL: the same model, the same prompts and seeds (so the same rollouts), interleaved. Each step
+    starts from the same weights and a fresh optimizer. rollout computes old log-probs and old attention for both
+    algorithms (the trainer logs where the policy looks), so only the update differs."""
+    model, processor = build_tiny(**parse_size(size))
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    init = copy.deepcopy(model.state_dict())
+    prompts_list = data.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
+    times = dict(grpo=[], ral=[])
+    for rep in range(repeats + 1):
+        for algo in (("grpo", "ral") if rep % 2 else ("ral", "grpo")):
+            cfg = dict(ral.DEFAULTS, algo=algo, group_size=group, prompts_per_step=prompts, max_new_tokens=new_tokens)
+            model.load_state_dict(init)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+            model.eval()
+            t0 = time.perf_counter()
+            pieces, stats, _, phases = ral.rollout(model, ref, processor, prompts_list, cfg, "think", 0, 0, "cpu")
+            model.train()
+            t1 = time.perf_counter()
+            ral.update(model, optimizer, pieces, cfg, world=1)
+            t2 = time.perf_counter()
+            if rep:
+                tokens = sum(s.get("response_len", 0) for s in stats)
+                times[algo].append(dict(generate=phases["generate"], score=phases["score"], update=t2 - t1,
+                                        total=t2 - t0, response_tokens=tokens))
+    out = dict(size=size, prompts=prompts, group_size=group, max_new_tokens=new_tokens, phases={})
+    for phase in ("generate", "score", "update", "total"):
+        g, r = ([t[phase] for t in times[a]] for a in ("grpo", "ral"))
+        out["phases"][phase] = dict(grpo_s=statistics.median(g), ral_s=statistics.median(r),
+                                    ral_vs_grpo=statistics.median(b / a for a, b in zip(g, r)))
+    out["response_tokens"] = times["ral"][0]["response_tokens"]
+    return out
+
+
+def mib(n):
+    return f"{n / 2 ** 20:.1f}"
+
+
+def print_tables(results):
+    if "capture" in results:
+        rss = "rss_growth_bytes" in results["capture"][0]
+        print("\n### Capture cost: forward + backward, one batch (medians; ratios paired per repetition)\n")
+        print("| model | T | B x R | variant | step s | vs sdpa | saved for backward MiB | vs sdpa |"
+              + (" peak RSS growth MiB |" if rss else ""))
+        print("|---|---|---|---|---|---|---|---|" + ("---|" if rss else ""))
+        for r in results["capture"]:
+            print(f"| {r['size']} | {r['T']} | {r['B']} x {r['R']} | {r['variant']} | {r['time_s']:.3f} | "
+                  f"{r['time_vs_sdpa']:.2f} | {mib(r['saved_bytes'])} | {r['saved_vs_sdpa']:.2f} |"
+                  + (f" {mib(r['rss_growth_bytes'])} |" if rss else ""))
+    if "step" in results:
+        s = results["step"]
+        print(f"\n### One GRPO step vs one RAL step ({s['size']}, {s['prompts']} prompts x {s['group_size']}, "
+              f"max {s['max_new_tokens']} new tokens, {s['response_tokens']} response tokens)\n")
+        print("| phase | GRPO s | RAL s | RAL / GRPO |\n|---|---|---|---|")
+        for phase, p in s["phases"].items():
+            print(f"| {phase} | {p['grpo_s']:.3f} | {p['ral_s']:.3f} | {p['ral_vs_grpo']:.2f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--what", default="capture,step", help="capture, step, or both (comma-separated)")
+    ap.add_argument("--seq", default="256,1024", help="total sequence lengths T for the capture benchmark")
+    ap.add_argument("--sizes", default="4x128x4,8x512x8", help="tiny models as layers x hidden x heads")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=128, help="response rows R (at most T/2)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process peak RSS column")
+    ap.add_argument("--step-size", default="4x128x4")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (see the docstring)")
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--_rss", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._rss:
+        return _rss_child(args._rss)
+    what = args.what.split(",")
+    results = dict(env=dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                            load_avg_start=os.getloadavg()[0], cuda=torch.cuda.is_available()))
+    if "capture" in what:
+        results["capture"] = bench_capture(args.sizes.split(","), [int(s) for s in args.seq.split(",")], args.batch,
+                                           args.rows, args.repeats, args.rss)
+    if "step" in what:
+        results["step"] = bench_step(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats)
+    results["env"]["load_avg_end"] = os.getloadavg()[0]
+    print_tables(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
