@@ -75,15 +75,15 @@ DEFAULTS = dict(
     algo="ral",                # "grpo" (lambda_attn ignored, = 0) or "ral" (Eq. 4)
     zero=False,                # RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward
     task="search",             # offline task when no files are given: "search" or "video"
-    task_tokens=64,            # visual tokens per image (search) or per frame (video)
+    task_tokens=16,            # visual tokens per image (search) or per frame (video)
     task_frames=8,
     train_size=2048,           # offline prompts generated for SFT and RL
     sft_file="", train_file="", eval_file="",   # data sets in data.py's (Video-R1) layout replace the tasks
     # stage 1: supervised warm start (the paper's SFT); reused when its checkpoint exists
-    sft_steps=400, sft_batch=16, sft_lr=1e-3, warm_dir="",   # "" -> out/warm-<task>-<mode>-s<seed>
+    sft_steps=1500, sft_batch=16, sft_lr=2e-3, warm_dir="",   # "" -> out/warm-<task>-<mode>-s<seed>
     # stage 2: RL
     rl_steps=60, prompts_per_step=8, group_size=8, max_new_tokens=48, temperature=1.0,
-    lr=2e-5, weight_decay=0.0, grad_clip=1.0,
+    lr=5e-5, weight_decay=0.0, grad_clip=1.0,
     clip_eps=0.2, beta=0.04, lambda_attn=1.0,
     mini_batches=2, epochs=1,  # optimizer steps per rollout = mini_batches * epochs (>= 2, see PAPER.md)
     micro_batch=0,             # sequences per forward; 0 = a whole group
