@@ -30,7 +30,8 @@ DEFAULTS = dict(
     mu=1.0,                    # weight of the per-token reverse KL to the teacher (L_GKD)
     gamma_attn=0.5,            # weight of the attention JSD to the teacher (Eq. 5); 0 = the KD baseline
     teacher="",                # a save_pretrained folder, a ral.py run folder or a hub id; "" = the tiny warm start
-    teacher_layers=4, teacher_sft_steps=400,   # the tiny teacher (""): ral.py's warm start, made if missing
+    teacher_layers=ral.DEFAULTS["tiny_layers"], teacher_sft_steps=ral.DEFAULTS["sft_steps"],  # the tiny
+    # teacher (teacher=""): exactly the warm start `python ral.py` makes, reused if it exists
     teacher_device="", teacher_dtype="",       # "" = the student's device, load()'s default dtype
     tiny_layers=2, sft_steps=100,              # the tiny student: fewer layers, a shorter warm start
     rl_steps=40, lr=1e-4,
@@ -123,8 +124,6 @@ def setup(cfg, sft_samples, mode, device, rank, world):
     import eval as evaluation
     if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
         raise ValueError("mu and gamma_attn must be >= 0")
-    tag = "zero" if cfg["zero"] else "think"
-    parent = os.path.dirname(cfg["out_dir"].rstrip("/")) or "."
     if cfg["teacher"]:
         teacher_path = evaluation.weights_dir(cfg["teacher"]) if os.path.isdir(cfg["teacher"]) else cfg["teacher"]
     else:   # the warm start `python ral.py` makes (or reuses) at the same path
@@ -132,9 +131,7 @@ def setup(cfg, sft_samples, mode, device, rank, world):
                                            sft_steps=cfg["teacher_sft_steps"]), sft_samples, mode, device, rank, world)
     if cfg["init_from"] != "tiny":
         check_pair(teacher_path, cfg["init_from"])             # a real pair fails before any training
-    student_dir = cfg["warm_dir"] or os.path.join(parent, f"warm-{cfg['task']}{cfg['task_tokens']}-{tag}-student"
-                                                  f"{cfg['tiny_layers']}-sft{cfg['sft_steps']}-s{cfg['seed']}")
-    start = ral.warm_start(dict(cfg, warm_dir=student_dir), sft_samples, mode, device, rank, world)
+    start = ral.warm_start(cfg, sft_samples, mode, device, rank, world)
     check_pair(teacher_path, start)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None
     teacher = load(teacher_path, cfg["teacher_device"] or device, dtype)[0].eval().requires_grad_(False)

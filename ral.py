@@ -399,15 +399,22 @@ def load_samples(cfg):
     return sft_samples, train, held_out
 
 
+def warm_path(cfg):
+    """Where the warm start of this recipe lives, beside out_dir: runs that differ only in RL reuse it."""
+    base = f"tiny{cfg['tiny_layers']}x{cfg['tiny_hidden']}" if cfg["init_from"] == "tiny" else \
+        os.path.basename(cfg["init_from"].rstrip("/"))
+    data_tag = os.path.basename(cfg["sft_file"]) if cfg["sft_file"] else f"{cfg['task']}{cfg['task_tokens']}"
+    return os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".", f"warm-{base}-{data_tag}-"
+                        f"{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}")
+
+
 def warm_start(cfg, sft_samples, mode, device, rank, world):
     """The RL starting point, as a folder: the SFT checkpoint if it exists, else build or load the model, run SFT
     (sft_steps > 0) and save it there. A real checkpoint with sft_steps=0 is used as it is."""
     from model import build_tiny, load
     if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
         return cfg["init_from"]
-    tag = "zero" if cfg["zero"] else "think"
-    path = cfg["warm_dir"] or os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".",
-                                           f"warm-{cfg['task']}{cfg['task_tokens']}-{tag}-s{cfg['seed']}")
+    path = cfg["warm_dir"] or warm_path(cfg)
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     if cfg["init_from"] == "tiny":
@@ -480,9 +487,11 @@ def main(argv, defaults=DEFAULTS, setup=None):
         evaluate("before_rl")
     per_rank = cfg["prompts_per_step"] // world
     metrics_path = os.path.join(out, "metrics.jsonl")
-    if rank == 0 and not resume:
-        open(metrics_path, "w").close()
-        open(os.path.join(out, "samples.jsonl"), "w").close()
+    for path in (metrics_path, os.path.join(out, "samples.jsonl")):
+        if rank == 0:   # start fresh, or keep only the steps the checkpoint holds (a crash may have logged more)
+            rows = [r for r in open(path)] if resume and os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(r for r in rows if json.loads(r)["step"] <= step)
     bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0,
                initial=step, total=cfg["rl_steps"])
     for step in bar:

@@ -37,7 +37,8 @@ def test_end_to_end_run(tmp_path, monkeypatch):
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values())
         assert 0 <= r["attn_visual"] <= 1 and 0 <= r["attn_target"] <= r["attn_visual"]
     assert rows[1]["attn_jsd"] > 0                          # the policy moved away from the rollout's attention
-    start, end = params_of(str(tmp_path / "warm-search16-think-s0")), params_of(os.path.join(out, "ckpt"))
+    warm, = tmp_path.glob("warm-tiny4x128-search16-think-sft0-s0")
+    start, end = params_of(str(warm)), params_of(os.path.join(out, "ckpt"))
     changed = [k for k in start if not torch.equal(start[k], end[k])]
     assert changed and all("visual" not in k for k in changed)   # the LLM trained, the vision tower did not
     for name in ("run_config.json", "results.json", "curves.png", "samples.jsonl", "ckpt/trainer_state.pt"):
