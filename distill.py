@@ -21,7 +21,7 @@ import sys
 import torch
 
 import ral
-from model import load, load_processor, policy_forward
+from model import load, load_processor, policy_forward, to_device
 
 DEFAULTS = dict(
     ral.DEFAULTS,
@@ -55,7 +55,7 @@ def reverse_kl(logprobs, teacher_logprobs):
 def teacher_forward(teacher, piece, device):
     """The frozen teacher on the student's sequences (same ids, same pixels): full log-softmax B x R x V and
     attention policy B x R x T, brought back to the student's device as float32."""
-    _, p, logprobs = policy_forward(teacher, ral.to_device(piece["batch"], teacher.device), piece["R"], full=True)
+    _, p, logprobs = policy_forward(teacher, to_device(piece["batch"], teacher.device), piece["R"], full=True)
     return logprobs.to(device, torch.float32), p.to(device, torch.float32)
 
 

@@ -98,10 +98,6 @@ def suite(name, n=None, seed=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Responding and measuring
 
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def respond(model, processor, samples, mode="think", max_new_tokens=64, attention=True):
     """Greedy responses to a batch of samples. With attention=True, also one policy_forward over prompt + response
@@ -110,16 +106,12 @@ def respond(model, processor, samples, mode="think", max_new_tokens=64, attentio
     the response ids and the response mask."""
     batch = data.encode(samples, processor, mode=mode)
     masks = {k: batch.pop(k) for k in ("visual_mask", "target_mask") if k in batch}
-    batch = to_device(batch, model.device)
+    batch = policy.to_device(batch, model.device)
     response, mask = policy.generate(model, processor, batch, max_new_tokens, greedy=True)
     texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
     if not attention:
         return texts, None, batch, masks, response, mask
-    full = dict(batch, input_ids=torch.cat([batch["input_ids"], response], 1),
-                attention_mask=torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], 1))
-    if "mm_token_type_ids" in batch:  # M-RoPE's per-token modality: response tokens are text (0)
-        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
-    _, p = policy.policy_forward(model, full, response.shape[1])
+    _, p = policy.policy_forward(model, policy.with_responses(batch, response, mask), response.shape[1])
     return texts, p, batch, masks, response, mask
 
 
@@ -259,6 +251,24 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
     ground = grounding_scores(attn, masks["visual_mask"].cpu(), masks["target_mask"].cpu())[0] \
         if "target_mask" in masks else None
     return dict(path=path, text=texts[0], grounding=ground)
+
+
+def plot_curves(metrics_path, png_path, extra=()):
+    """The trainer's metrics.jsonl as one picture of curves, one panel per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)]
+    keys = ["reward", "accuracy", "format", "no_spread_groups", "kl", "clip", "attn_jsd", "attn_entropy",
+            "attn_visual", "attn_target", "response_len", "grad_norm", *extra]
+    fig, axes = plt.subplots(math.ceil(len(keys) / 4), 4, figsize=(16, 3 * math.ceil(len(keys) / 4)), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

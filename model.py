@@ -146,6 +146,28 @@ AttentionInterface.register("ral_sdpa", ral_sdpa)
 AttentionMaskInterface.register("ral_sdpa", sdpa_mask)
 
 
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def append_responses(batch, responses, pad_id):
+    """Left-padded prompts + a list of response token lists (right-padded) -> the full batch and response mask."""
+    R = max(len(r) for r in responses)
+    ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(responses), R, dtype=torch.long)
+    for i, r in enumerate(responses):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.as_tensor(r), 1
+    return with_responses(batch, ids.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)), mask
+
+
+def with_responses(batch, response, response_mask):
+    full = dict(batch, input_ids=torch.cat([batch["input_ids"], response], 1),
+                attention_mask=torch.cat([batch["attention_mask"], response_mask.to(batch["attention_mask"])], 1))
+    if "mm_token_type_ids" in batch:     # M-RoPE's token types: responses are text (0)
+        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
+    return full
+
+
 def policy_forward(model, batch, response_len, attention=True, full=False):
     """One forward over prompt + response (left-padded prompts, response in the last `response_len` columns).
     Returns per-token log-probs of the response tokens (B x R) and, if asked, the attention policy (B x R x T);

@@ -110,13 +110,10 @@ def configure(defaults, argv):
         if key not in cfg:
             raise ValueError(f"unknown option --{key} (known: {', '.join(sorted(cfg))})")
         try:
-            value = ast.literal_eval(value)
+            value = ast.literal_eval(value)              # numbers, True/False, lists; otherwise a plain string
         except (ValueError, SyntaxError):
-            pass                                           # a plain string
-        if type(cfg[key]) is bool and value in ("true", "false", "True", "False", 1, 0):
-            value = value in ("true", "True", 1)
-        if cfg[key] is not None and type(value) is not type(cfg[key]) and not (type(cfg[key]) is float
-                                                                           and type(value) is int):
+            pass
+        if not isinstance(value, type(cfg[key])) and not (isinstance(cfg[key], float) and type(value) is int):
             raise ValueError(f"--{key}: expected {type(cfg[key]).__name__}, got {value!r}")
         cfg[key] = value
     if cfg["algo"] not in ("grpo", "ral"):
@@ -129,25 +126,7 @@ def configure(defaults, argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches: a prompt batch from data.encode plus right-padded responses, one forward for log-probs and attention.
-
-def append_responses(batch, responses, pad_id):
-    """Left-padded prompts + a list of response token lists (right-padded) -> the full batch and response mask."""
-    R = max(len(r) for r in responses)
-    ids = torch.full((len(responses), R), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(responses), R, dtype=torch.long)
-    for i, r in enumerate(responses):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.as_tensor(r), 1
-    return with_responses(batch, ids.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)), mask
-
-
-def with_responses(batch, response, response_mask):
-    full = dict(batch, input_ids=torch.cat([batch["input_ids"], response], 1),
-                attention_mask=torch.cat([batch["attention_mask"], response_mask.to(batch["attention_mask"])], 1))
-    if "mm_token_type_ids" in batch:     # M-RoPE's token types: responses are text (0)
-        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(response)], 1)
-    return full
-
+# Batches: a group's sequences, sliced for mini- and micro-batches
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -157,10 +136,6 @@ def take_rows(batch, i, j):
     rows for every sequence, so they slice evenly."""
     n = batch["input_ids"].shape[0]
     return {k: v[i * (len(v) // n):j * (len(v) // n)] if k in VISUAL_KEYS else v[i:j] for k, v in batch.items()}
-
-
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def seed_for(*parts):
@@ -176,7 +151,7 @@ def seed_for(*parts):
 
 def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
     import data
-    from model import policy_forward
+    from model import append_responses, policy_forward, to_device
     from tqdm import tqdm
     tok = processor.tokenizer
     params = [p for p in model.parameters() if p.requires_grad]
@@ -215,7 +190,7 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
     """Per prompt: G responses by KV-cache sampling, rewards, Eq. 8 advantages, then old log-probs and old
     attention from the training model's own forward and reference log-probs from the frozen initial model."""
     import data
-    from model import generate, policy_forward
+    from model import generate, policy_forward, to_device, with_responses
     G, tok = cfg["group_size"], processor.tokenizer
     pieces, stats, samples_log, times = [], [], [], dict(generate=0.0, score=0.0)
     for k, sample in enumerate(prompts):
@@ -342,23 +317,6 @@ def save_checkpoint(path, model, processor, optimizer, state):
 
 def load_state(path):
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-
-
-def plot_curves(metrics_path, png_path, extra=()):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path)]
-    keys = ["reward", "accuracy", "format", "no_spread_groups", "kl", "clip", "attn_jsd", "attn_entropy",
-            "attn_visual", "attn_target", "response_len", "grad_norm", *extra]
-    fig, axes = plt.subplots(math.ceil(len(keys) / 4), 4, figsize=(16, 3 * math.ceil(len(keys) / 4)), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,7 +486,7 @@ def main(argv, defaults=DEFAULTS, setup=None):
         results["wall_time_s"] = time.time() - t_start
         json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
         if os.path.getsize(metrics_path):
-            plot_curves(metrics_path, os.path.join(out, "curves.png"), hooks.get("stats", ()))
+            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), hooks.get("stats", ()))
         if held_out:
             json.dump(results["after_rl"], open(os.path.join(ckpt, "eval.json"), "w"), indent=1)
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
