@@ -128,3 +128,26 @@ def test_torchrun_two_ranks_match_one(tmp_path):
     warm = params_of(str(tmp_path / "warm"))
     moved = max((runs[1][k] - warm[k]).abs().max().item() for k in runs[1])
     assert moved > 1e-4 and max(diffs) < 1e-3 * moved
+
+
+def test_data_set_files_replace_the_offline_tasks(tmp_path, monkeypatch):
+    """SFT on a file with rationales, RL on a file of prompts, evaluation on a held-out file (Video-R1 layout),
+    mixing images and a video."""
+    monkeypatch.setattr(data, "reward", spread_reward)
+    for i, s in enumerate(data.search_task(4, seed=5, tokens=16)):
+        s["image"].save(tmp_path / f"{i}.png")
+    video = data.video_task(1, frames=2, folder=str(tmp_path))[0]["video"]
+    record = dict(problem="What colour is the star?", data_type="image", problem_type="multiple choice",
+                  options=["A. red", "B. green", "C. blue", "D. yellow"], solution="<answer>B</answer>",
+                  data_source="test", process="<think>The star is green.</think>")
+    records = [dict(record, problem_id=i, path=f"./{i}.png") for i in range(4)]
+    records.append(dict(record, problem_id=4, data_type="video", path="./" + os.path.basename(video)))
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "run"
+    results = ral.main([f"--out_dir={out}", f"--sft_file={path}", f"--train_file={path}", f"--eval_file={path}",
+                        "--sft_steps=2", "--sft_batch=4", "--rl_steps=2", "--prompts_per_step=2", "--group_size=2",
+                        "--mini_batches=2", "--max_new_tokens=4", "--eval_n=3"])
+    assert results["after_rl"]["n"] == 3
+    assert len(list(tmp_path.glob("warm-tiny4x128-set.jsonl-think-sft2-s0"))) == 1
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
