@@ -129,17 +129,45 @@ def attention_policy(query, key, attention_mask, rows, scaling):
     B x 1 x T x T (True = may attend) or additive float mask. Returns B x rows x T: p^t over keys, zero at t and after.
     """
     T = key.shape[2]
-    q = query[:, :, T - rows:]
-    scores = torch.matmul(q.float(), key.float().transpose(2, 3)) * scaling       # B x H x R x T
-    t = torch.arange(T - rows, T, device=q.device)                                # absolute position of each row
-    allowed = torch.arange(T, device=q.device)[None, :] <= t[:, None]             # causal, R x T
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        allowed = allowed & attention_mask[:, :, T - rows:]
-    elif attention_mask is not None:
-        scores = scores + attention_mask[:, :, T - rows:].float()
-    alpha = scores.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)       # eager weights, head mean
-    alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=q.device), 0.0)  # drop the weight on itself
-    return alpha / alpha.sum(-1, keepdim=True)                                    # renormalize over keys < t
+    t = torch.arange(T - rows, T, device=query.device)                          # absolute position of each row
+    allowed = (torch.arange(T, device=query.device)[None, :] <= t[:, None])[None]  # causal, 1 x R x T
+    if attention_mask is not None:
+        m = attention_mask[:, 0, T - rows:]
+        allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
+    alpha = HeadMeanSoftmax.apply(query[:, :, T - rows:].float(), key.float(), allowed, scaling)  # eager, head mean
+    alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=query.device), 0.0)  # drop the weight on itself
+    return alpha / alpha.sum(-1, keepdim=True)                                  # renormalize over keys < t
+
+
+def head_softmax(q, k, allowed, scaling):
+    """One head's attention weights: softmax(q k^T * scaling) over the allowed keys (B x R x T)."""
+    return (q @ k.transpose(1, 2) * scaling).masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+class HeadMeanSoftmax(torch.autograd.Function):
+    """The mean over heads of the attention weights of R query rows, B x R x T. Autograd alone would keep every
+    head's B x R x T weights for backward; this keeps only q and k and recomputes one head at a time, so the
+    capture's memory is O(B x R x T)."""
+
+    @staticmethod
+    def forward(ctx, q, k, allowed, scaling):
+        ctx.save_for_backward(q, k, allowed)
+        ctx.scaling = scaling
+        out = head_softmax(q[:, 0], k[:, 0], allowed, scaling)
+        for h in range(1, q.shape[1]):
+            out += head_softmax(q[:, h], k[:, h], allowed, scaling)
+        return out / q.shape[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, allowed = ctx.saved_tensors
+        s, g = ctx.scaling, grad / q.shape[1]
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        for h in range(q.shape[1]):
+            a = head_softmax(q[:, h], k[:, h], allowed, s)
+            ds = a * (g - (a * g).sum(-1, keepdim=True))                       # softmax backward
+            dq[:, h], dk[:, h] = ds @ k[:, h] * s, ds.transpose(1, 2) @ q[:, h] * s
+        return dq, dk, None, None
 
 
 AttentionInterface.register("ral_sdpa", ral_sdpa)

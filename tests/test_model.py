@@ -149,3 +149,26 @@ def test_capture_gradients_survive_gradient_checkpointing():
     model.activation_checkpointing_enable(dict(use_reentrant=False))
     checkpointed = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+
+
+def test_head_mean_softmax_gradcheck():
+    """The memory-lean head mean (recomputes each head's weights in backward) against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g), torch.randn(2, 3, 7, 5, dtype=torch.float64,
+                                                                                  generator=g)
+    allowed = torch.rand(2, 4, 7, generator=g) > 0.3
+    allowed[..., 0] = True                                  # every row keeps at least one key
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k: M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), (q, k))
+    reference = torch.stack([M.head_softmax(q[:, h], k[:, h], allowed, 0.4) for h in range(3)]).mean(0)
+    assert torch.allclose(M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), reference)
+
+
+def test_float_mask_equals_boolean_mask():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
+    allowed = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    allowed[..., 0] = False                                 # a left-padded key
+    additive = torch.zeros(1, 1, 6, 6).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    a, b = M.attention_policy(q, k, allowed, 3, 0.5), M.attention_policy(q, k, additive, 3, 0.5)
+    assert torch.allclose(a, b) and (a[..., 0] == 0).all()
