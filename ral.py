@@ -315,10 +315,6 @@ def save_checkpoint(path, model, processor, optimizer, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(path):
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -427,7 +423,7 @@ def main(argv, defaults=DEFAULTS, setup=None):
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step, results = 0, {}
     if resume:
-        state = load_state(ckpt)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         step, results = state["step"], json.loads(state["results"])
