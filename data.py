@@ -30,6 +30,7 @@ PALETTE = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
            "yellow": (235, 215, 20), "purple": (140, 40, 180), "orange": (245, 130, 20)}
 DISTRACTORS = ["circle", "square", "triangle", "diamond"]
 LETTERS = "ABCD"
+OPTION_COLOURS = list(PALETTE)[:4]   # the options, in this order, of every offline question
 CELL = 28           # one merged visual token covers 28x28 pixels (14 px patches, 2x2 merge)
 STAR = 36           # target size in pixels: wider and taller than a token cell, so it always spans 2x2+ cells
 BACKGROUND = (255, 255, 255)
@@ -73,7 +74,7 @@ def _place(rng, side, size, taken, avoid):
     raise ValueError(f"cannot place a {size}px shape on a {side}px canvas; lower the clutter")
 
 
-def _scene(rng, side, clutter, target_colour, option_colours, with_target=True):
+def _scene(rng, side, clutter, target_colour, with_target=True):
     """A white canvas with `clutter` distractors and (optionally) the star. Every option colour is used by some
     distractor, so neither the question nor "which colours are in the picture" gives the answer away."""
     img = Image.new("RGB", (side, side), BACKGROUND)
@@ -82,7 +83,7 @@ def _scene(rng, side, clutter, target_colour, option_colours, with_target=True):
     if with_target:
         x, y = rng.randrange(side - STAR + 1), rng.randrange(side - STAR + 1)
         box = (x, y, x + STAR, y + STAR)
-    colours = list(option_colours) + [rng.choice(list(PALETTE)) for _ in range(clutter)]
+    colours = OPTION_COLOURS + [rng.choice(list(PALETTE)) for _ in range(clutter)]
     taken = []
     for k in range(clutter):
         size = rng.randrange(12, 23)
@@ -104,13 +105,11 @@ def _where(box, side):
     return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
 
 
-def _question(letter, stem):
-    """A colour question with 4 options in one fixed order (A. red, B. green, C. blue, D. yellow): the text is the
-    same for every sample, so only the image tells the answer, and a small model needs no option lookup to learn
-    it. Returns question, options, colours."""
-    colours = list(PALETTE)[:4]
-    options = [f"{L}. {c}" for L, c in zip(LETTERS, colours)]
-    return stem + "\n" + "\n".join(options), options, colours
+def _question(stem):
+    """A colour question with the 4 options in one fixed order (A. red, B. green, C. blue, D. yellow): the text is
+    the same for every sample, so only the image tells the answer, and a small model needs no option lookup."""
+    options = [f"{L}. {c}" for L, c in zip(LETTERS, OPTION_COLOURS)]
+    return stem + "\n" + "\n".join(options), options
 
 
 def _balanced_letters(rng, n):
@@ -134,9 +133,9 @@ def search_task(n, seed=0, tokens=64, clutter=None):
     rng = random.Random(f"search-{seed}-{tokens}-{clutter}")
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options, colours = _question(letter, "What colour is the star?")
-        colour = colours[LETTERS.index(letter)]
-        img, box = _scene(rng, side, clutter, colour, colours)
+        question, options = _question("What colour is the star?")
+        colour = OPTION_COLOURS[LETTERS.index(letter)]
+        img, box = _scene(rng, side, clutter, colour)
         samples.append(dict(id=f"search-{tokens}-{seed}-{i}", question=question, options=options, answer=letter,
                             problem_type="multiple choice", image=img, video=None,
                             target=dict(box=box, frame=None),
@@ -146,10 +145,11 @@ def search_task(n, seed=0, tokens=64, clutter=None):
 
 
 def write_mp4(frames, path, fps=1):
-    """PIL frames -> an H.264 mp4 (mpeg4 if this ffmpeg has no libx264)."""
+    """PIL frames -> an H.264 mp4 (mpeg4 if this ffmpeg has no libx264). Lossless (qp 0): x264's rate control
+    (crf) now and then encodes identical frames differently, and the task must be a function of its seed."""
     with av.open(path, mode="w") as container:
         try:
-            stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
+            stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
         except Exception:
             stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = frames[0].size
@@ -169,10 +169,10 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
     rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}")
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options, colours = _question(letter, "What colour is the star in the video?")
-        colour = colours[LETTERS.index(letter)]
+        question, options = _question("What colour is the star in the video?")
+        colour = OPTION_COLOURS[LETTERS.index(letter)]
         needle = rng.randrange(frames)
-        scenes = [_scene(rng, side, clutter, colour, colours, with_target=(f == needle)) for f in range(frames)]
+        scenes = [_scene(rng, side, clutter, colour, with_target=(f == needle)) for f in range(frames)]
         path = os.path.join(folder, f"video-{seed}-{i}.mp4")
         write_mp4([img for img, _ in scenes], path)
         box = scenes[needle][1]
