@@ -162,18 +162,21 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     times = dict(grpo=[], ral=[])
     for rep in range(repeats + 1):
         for algo in (("grpo", "ral") if rep % 2 else ("ral", "grpo")):
-            cfg = dict(ral.DEFAULTS, algo=algo, group_size=group, prompts_per_step=prompts, max_new_tokens=new_tokens)
+            cfg = dict(ral.DEFAULTS, group_size=group, prompts_per_step=prompts, max_new_tokens=new_tokens)
+            loss_fn = ral.rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"] if algo == "ral" else 0.0)
             model.load_state_dict(init)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+            optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"])
             model.eval()
             t0 = time.perf_counter()
-            pieces, stats, _, phases = ral.rollout(model, ref, processor, prompts_list, cfg, "think", 0, 0, "cpu")
+            micro_batches, stats, _, phases = ral.rollout(model, ref, processor, prompts_list, cfg, "think", 0, 0,
+                                                          "cpu")
             model.train()
             t1 = time.perf_counter()
-            ral.update(model, optimizer, pieces, cfg, world=1)
+            ral.update(model, optimizer, micro_batches, loss_fn, cfg["mini_batches"], cfg["epochs"], cfg["grad_clip"],
+                       world=1)
             t2 = time.perf_counter()
             if rep:
-                tokens = sum(s.get("response_len", 0) for s in stats)
+                tokens = stats["response_len"]
                 times[algo].append(dict(generate=phases["generate"], score=phases["score"], update=t2 - t1,
                                         total=t2 - t0, response_tokens=tokens))
     out = dict(size=size, prompts=prompts, group_size=group, max_new_tokens=new_tokens, phases={})

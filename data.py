@@ -5,7 +5,7 @@ search_task(n, ...)   visual search (V*-like): one star among many circles/squar
 video_task(n, ...)    video needle: the star is in exactly one of F frames, written to a real mp4 with PyAV
 load_dataset(path)    Video-R1 layout (JSON array or JSONL), the same samples for SFT, RL and evaluation
 prompt_messages / sft_target   the thinking ("think") and direct ("zero", RAL-zero) formats
-encode(samples, processor)     a left-padded prompt batch for the model, plus visual_mask and target_mask
+encode(samples, processor)     a left-padded prompt batch for the model, and its visual and target masks
 reward(text, sample)           0.9 * accuracy + 0.1 * format (the paper's reward); never raises
 
 A sample is a plain dict: id, question (with the lettered options), options, answer (as it appears inside
@@ -376,9 +376,9 @@ def sft_target(sample, mode="think"):
 
 def encode(samples, processor, mode="think", image_pixels=5120 * 28 * 28, video_fps=1.0, video_frames=128,
            frame_pixels=128 * 28 * 28):
-    """A left-padded prompt batch: input_ids, attention_mask, mm_token_type_ids and, when present, pixel_values +
-    image_grid_thw, pixel_values_videos + video_grid_thw + second_per_grid_ts (rows in sample order). Plus
-    visual_mask and target_mask (B x P bool) that callers pop before calling the model."""
+    """A left-padded prompt batch for the model (input_ids, attention_mask, mm_token_type_ids and, when present,
+    pixel_values + image_grid_thw, pixel_values_videos + video_grid_thw + second_per_grid_ts; rows in sample
+    order), and masks = dict(visual=, target=): B x P bool, the visual tokens and those of the target's cells."""
     tok, ip = processor.tokenizer, processor.image_processor
     merge = ip.merge_size
     max_pixels = min(image_pixels, ip.size.longest_edge)
@@ -426,12 +426,12 @@ def encode(samples, processor, mode="think", image_pixels=5120 * 28 * 28, video_
     if videos:
         batch["pixel_values_videos"], batch["video_grid_thw"] = torch.cat(videos), torch.stack(video_grids)
         batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
-    batch["visual_mask"] = (ids == image_id) | (ids == video_id)
-    batch["target_mask"] = torch.zeros_like(batch["visual_mask"])
+    visual = (ids == image_id) | (ids == video_id)
+    target = torch.zeros_like(visual)
     for b, c in enumerate(cells):
         if c is not None:
-            batch["target_mask"][b, batch["visual_mask"][b].nonzero()[:, 0]] = torch.tensor(c)
-    return batch
+            target[b, visual[b].nonzero()[:, 0]] = torch.tensor(c)
+    return batch, dict(visual=visual, target=target)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-On-Policy Attention Distillation (PAPER.md, Eq. 5 and 6): the student samples its own responses, a frozen teacher
+On-Policy Attention Distillation (docs/METHOD.md, Eq. 5 and 6): the student samples its own responses, a frozen teacher
 runs on the same sequences, and the student learns from three terms:
 
     L = L_RL  +  mu * KL(pi_student || pi_teacher)  +  gamma_attn * JSD(p_student^t || p_teacher^t)
@@ -11,30 +11,40 @@ gamma_attn=0 is the on-policy knowledge-distillation baseline (KD); the default 
     python distill.py --gamma_attn=0                 # the KD baseline, same seed
     python distill.py --teacher=out/ral --init_from=Qwen/Qwen2.5-VL-7B-Instruct ...
     torchrun --nproc_per_node=8 distill.py config/my_preset.py
+    python distill.py --help                         # every option, its default and its meaning
 
 Everything else (rollouts, the update loop, DDP, checkpoints and resume, logs, evaluation) is ral.py's: this file
-only adds the teacher, the pair check, and the per-piece loss that ral.update minimizes.
+adds the teacher, the pair check, and the per-micro-batch loss that ral.update minimizes, and runs ral's steps.
 """
 import os
 import sys
 
 import torch
+from transformers import AutoConfig
 
+import data
+import eval as evaluation
 import ral
-from model import load, load_processor, policy_forward, to_device
+from cli import UsageError, cli
+from model import check_source, load, load_processor, policy_forward, to_device
 
-DEFAULTS = dict(
-    ral.DEFAULTS,
-    out_dir="out/distill",
-    algo="grpo",               # L_RL of Eq. 6: GRPO's token loss ("ral" would add Eq. 3 as well)
-    mu=1.0,                    # weight of the per-token reverse KL to the teacher (L_GKD)
-    gamma_attn=0.5,            # weight of the attention JSD to the teacher (Eq. 5); 0 = the KD baseline
-    teacher="",                # a save_pretrained folder, a ral.py run folder or a hub id; "" = the tiny warm start
-    teacher_layers=ral.DEFAULTS["tiny_layers"], teacher_sft_steps=ral.DEFAULTS["sft_steps"],  # the tiny
-    # teacher (teacher=""): exactly the warm start `python ral.py` makes, reused if it exists
-    teacher_device="", teacher_dtype="",       # "" = the student's device, load()'s default dtype
-    tiny_layers=2, sft_steps=100,              # the tiny student: fewer layers, a shorter warm start
-    rl_steps=40, lr=1e-4,
+meaning = lambda key: ral.OPTIONS[key][1]
+OPTIONS = dict(
+    ral.OPTIONS,
+    out_dir=("out/distill", meaning("out_dir")),
+    algo=("grpo", "L_RL of Eq. 6: 'grpo' (GRPO's token loss) or 'ral' (adds Eq. 3 as well)"),
+    mu=(1.0, "weight of the per-token reverse KL to the teacher (L_GKD of Eq. 6)"),
+    gamma_attn=(0.5, "weight of the attention JSD to the teacher (Eq. 5); 0 = the on-policy KD baseline"),
+    teacher=("", "a save_pretrained folder, a ral.py run folder or a hub id; '' = the tiny warm start below"),
+    teacher_layers=(ral.DEFAULTS["tiny_layers"], "the tiny teacher's layers (teacher=''): it is exactly the warm "
+                                                 "start `python ral.py` makes, reused if it exists"),
+    teacher_sft_steps=(ral.DEFAULTS["sft_steps"], "the tiny teacher's SFT steps (teacher='')"),
+    teacher_device=("", "the teacher's device; '' = the student's"),
+    teacher_dtype=("", "the teacher's dtype; '' = load()'s default (bf16 on GPU, fp32 on CPU)"),
+    tiny_layers=(2, "decoder layers of the tiny student (fewer than the teacher's)"),
+    sft_steps=(100, "the student's warm-start SFT steps (shorter than the teacher's)"),
+    rl_steps=(40, meaning("rl_steps")),
+    lr=(1e-4, meaning("lr")),
 )
 STATS = ("rkl", "distill_jsd")   # per-token means added to metrics.jsonl
 
@@ -52,28 +62,28 @@ def reverse_kl(logprobs, teacher_logprobs):
 
 
 @torch.no_grad()
-def teacher_forward(teacher, piece, device):
+def teacher_forward(teacher, mb, device):
     """The frozen teacher on the student's sequences (same ids, same pixels): full log-softmax B x R x V and
     attention policy B x R x T, brought back to the student's device as float32."""
-    _, p, logprobs = policy_forward(teacher, to_device(piece["batch"], teacher.device), piece["R"], full=True)
+    _, p, logprobs = policy_forward(teacher, to_device(mb["batch"], teacher.device), mb["response_len"], full=True)
     return logprobs.to(device, torch.float32), p.to(device, torch.float32)
 
 
-def distill_loss(teacher, mu, gamma_attn):
-    """ral.update's per-piece objective for Eq. 6. Each term is summed over response tokens and divided by the
-    step's global token count, like Eq. 4's. The attention term has no advantage and no p_old: its gradient is
-    non-zero from the first step, unlike RAL's."""
-    def piece_loss(model, piece, cfg, n_tokens):
-        logp, p, logprobs = policy_forward(model, piece["batch"], piece["R"], attention=True, full=True)
-        loss, stats = ral.rl_terms(logp, p, piece, cfg, n_tokens)          # L_RL (GRPO, or RAL if algo=ral)
-        t_logprobs, t_p = teacher_forward(teacher, piece, logp.device)
-        m = piece["mask"]
+def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn):
+    """Eq. 6 as ral.update's `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`. Each term is summed over
+    response tokens and divided by the step's global token count, like Eq. 4's. The attention term has no
+    advantage and no p_old: its gradient is non-zero from the first step, unlike RAL's."""
+    def loss_fn(model, mb, n_tokens):
+        logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=True, full=True)
+        loss, stats = ral.rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)   # L_RL (GRPO or RAL)
+        t_logprobs, t_p = teacher_forward(teacher, mb, logp.device)
+        m = mb["mask"]
         kl, d = reverse_kl(logprobs, t_logprobs), ral.jsd(p, t_p)
-        loss = loss + mu * (kl * m).sum() / n_tokens                         # + mu L_GKD: the KD baseline
+        loss = loss + mu * ral.masked_sum(kl, m) / n_tokens                  # + mu L_GKD: the KD baseline
         if gamma_attn > 0:
-            loss = loss + gamma_attn * (d * m).sum() / n_tokens              # + gamma L_AttnDistill (Eq. 5)
-        return loss, dict(stats, rkl=(kl * m).sum().item(), distill_jsd=(d * m).sum().item())
-    return piece_loss
+            loss = loss + gamma_attn * ral.masked_sum(d, m) / n_tokens       # + gamma L_AttnDistill (Eq. 5)
+        return loss, dict(stats, rkl=ral.masked_sum(kl, m).item(), distill_jsd=ral.masked_sum(d, m).item())
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,25 +117,24 @@ def pair_problems(teacher_processor, teacher_config, student_processor, student_
 
 def check_pair(teacher_path, student_path):
     """Fail with a message naming every difference (the paper pairs Qwen2.5-VL-32B with 7B: same tokenization)."""
-    from transformers import AutoConfig
     problems = pair_problems(load_processor(teacher_path), AutoConfig.from_pretrained(teacher_path),
                              load_processor(student_path), AutoConfig.from_pretrained(student_path))
     if problems:
-        raise ValueError(f"teacher {teacher_path} and student {student_path} do not share tokenization, so their "
+        raise UsageError(f"teacher {teacher_path} and student {student_path} do not share tokenization, so their "
                          "positions and tokens would not align: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run: ral.main with a teacher
+# The run: ral.py's steps, with a teacher and Eq. 6 as the loss
 
-def setup(cfg, sft_samples, mode, device, rank, world):
-    """ral.main's hook: make or find the teacher and the student's starting point, check the pair, load the
-    frozen teacher, and hand back Eq. 6 as the loss."""
-    import eval as evaluation
-    if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
-        raise ValueError("mu and gamma_attn must be >= 0")
+def teacher_and_student(cfg, sft_samples, mode, device, rank, world):
+    """Make or find the teacher and the student's starting point (warm starts, reused when their recipe matches),
+    and check that the pair shares tokenization before any training."""
     if cfg["teacher"]:
         teacher_path = evaluation.weights_dir(cfg["teacher"]) if os.path.isdir(cfg["teacher"]) else cfg["teacher"]
+        problem = check_source(teacher_path)
+        if problem:
+            raise UsageError(f"--teacher: {problem}")
     else:   # the warm start `python ral.py` makes (or reuses) at the same path
         teacher_path = ral.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
                                            sft_steps=cfg["teacher_sft_steps"]), sft_samples, mode, device, rank, world)
@@ -133,17 +142,26 @@ def setup(cfg, sft_samples, mode, device, rank, world):
         check_pair(teacher_path, cfg["init_from"])             # a real pair fails before any training
     start = ral.warm_start(cfg, sft_samples, mode, device, rank, world)
     check_pair(teacher_path, start)
+    return teacher_path, start
+
+
+def main(argv, reward_fn=data.reward):
+    cfg = ral.configure(argv, OPTIONS, __doc__)
+    if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
+        raise UsageError("--mu and --gamma_attn must be >= 0")
+    rank, world, device = ral.setup_distributed(cfg)
+    sft_samples, train_samples, held_out, suite = ral.load_samples(cfg)
+    mode = "zero" if cfg["zero"] else "think"
+    teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None
     teacher = load(teacher_path, cfg["teacher_device"] or device, dtype)[0].eval().requires_grad_(False)
     if rank == 0:
         print(f"teacher {teacher_path} ({teacher.config.text_config.num_hidden_layers} layers) -> student {start}")
     name = ("kd+attn" if cfg["gamma_attn"] > 0 else "kd") + ("-zero" if cfg["zero"] else "")
-    return dict(start=start, piece_loss=distill_loss(teacher, cfg["mu"], cfg["gamma_attn"]), stats=STATS, name=name)
-
-
-def main(argv):
-    return ral.main(argv, DEFAULTS, setup)
+    loss_fn = distill_loss(teacher, cfg["mu"], cfg["gamma_attn"], cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"])
+    return ral.train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, STATS,
+                     reward_fn)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:])

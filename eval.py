@@ -21,16 +21,30 @@ import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
 import model as policy
 
-SEARCH_SUITES = ["search-16", "search-64", "search-256", "search-1024"]
-VIDEO_SUITES = ["video-4", "video-8", "video-16"]
+
+
+def suite_name(task, tokens, frames=None):
+    """The one spelling of an offline suite's name: search-<tokens>, video-<frames> (16 tokens per frame, data.py's
+    default) or video-<frames>x<tokens per frame>."""
+    if task == "search":
+        return f"search-{tokens}"
+    return f"video-{frames}" if tokens == 16 else f"video-{frames}x{tokens}"
+
+
+SEARCH_SUITES = [suite_name("search", t) for t in (16, 64, 256, 1024)]
+VIDEO_SUITES = [suite_name("video", 16, f) for f in (4, 8, 16)]
 SUITES = SEARCH_SUITES + VIDEO_SUITES
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
 EVAL_N = 128            # ral.py's eval_n, so a trainer-written eval.json and ours count the same samples
@@ -102,17 +116,15 @@ def suite(name, n=None, seed=None):
 def respond(model, processor, samples, mode="think", max_new_tokens=64, attention=True):
     """Greedy responses to a batch of samples. With attention=True, also one policy_forward over prompt + response
     (the same pass the trainer makes) for the final layer's attention policy p (Eq. 2, B x R x T; generation itself
-    runs with the KV cache and no capture). Returns texts, p (or None), the model batch, its visual/target masks,
-    the response ids and the response mask."""
-    batch = data.encode(samples, processor, mode=mode)
-    masks = {k: batch.pop(k) for k in ("visual_mask", "target_mask") if k in batch}
+    runs with the KV cache and no capture). Returns dict(texts, p (or None), batch (the model's prompt batch),
+    visual, target (B x P masks from data.encode), response (ids, B x R), response_mask)."""
+    batch, masks = data.encode(samples, processor, mode=mode)
     batch = policy.to_device(batch, model.device)
-    response, mask = policy.generate(model, processor, batch, max_new_tokens, greedy=True)
+    response, response_mask = policy.generate(model, processor, batch, max_new_tokens, greedy=True)
     texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
-    if not attention:
-        return texts, None, batch, masks, response, mask
-    _, p = policy.policy_forward(model, policy.with_responses(batch, response, mask), response.shape[1])
-    return texts, p, batch, masks, response, mask
+    p = policy.policy_forward(model, policy.with_responses(batch, response, response_mask),
+                              response.shape[1])[1] if attention else None
+    return dict(texts=texts, p=p, batch=batch, **masks, response=response, response_mask=response_mask)
 
 
 def mean_rows(p, rows, prompt_len):
@@ -136,9 +148,9 @@ def chance_grounding(visual_mask, target_mask):
 
 
 def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tokens=64, responder=None,
-             progress=True, desc="eval"):
+             progress=True, desc="eval", reward_fn=data.reward):
     """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
-    `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer).
+    `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer); reward_fn scores.
     grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
     acc, fmt, ground, chance = [], [], [], []
     training = model is not None and model.training
@@ -149,14 +161,12 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
         if responder is not None:
             texts = list(responder(chunk))
         else:
-            texts, p, batch, masks, _, mask = respond(model, processor, chunk, mode, max_new_tokens)
-            P = batch["input_ids"].shape[1]
-            if "target_mask" in masks:
-                visual, target = masks["visual_mask"].cpu(), masks["target_mask"].cpu()
-                ground += grounding_scores(mean_rows(p, mask, P), visual, target)
-                chance += chance_grounding(visual, target)
+            out = respond(model, processor, chunk, mode, max_new_tokens)
+            texts, visual, target = out["texts"], out["visual"], out["target"]
+            ground += grounding_scores(mean_rows(out["p"], out["response_mask"], visual.shape[1]), visual, target)
+            chance += chance_grounding(visual, target)
         for sample, text in zip(chunk, texts):
-            r = data.reward(text, sample, mode)
+            r = reward_fn(text, sample, mode)
             acc.append(float(r["accuracy"]))
             fmt.append(float(r["format"]))
     if training:  # the trainer calls this mid-run: hand the model back as it came
@@ -184,8 +194,6 @@ def unpatchify(pixel_values, thw, image_processor):
 
 def overlay(image, heat, box=None, alpha=0.5, normalize=True):
     """Blend a 2-D heat array, upsampled to the image's own size, over the image (PIL RGB); outline the box."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
     heat = np.asarray(heat, dtype=float)
     if normalize:  # min-max: the map shows where attention goes, not how peaked it is
         heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
@@ -207,29 +215,22 @@ def answer_rows(tokenizer, response, mask):
     return rows if rows.any() else mask
 
 
-def open_image(image):
-    from PIL import Image
-    return image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
-
-
 @torch.no_grad()
 def attention_map(model, processor, sample, path, mode="think", max_new_tokens=64):
     """Render the final-layer attention of the answer tokens (Eq. 2's p, averaged over them) over the image as a
     heatmap PNG of the image's size, or over a video as a strip with one frame per temporal token group.
     Returns dict(path, text, grounding)."""
-    texts, p, batch, masks, response, mask = respond(model, processor, [sample], mode, max_new_tokens)
-    P = batch["input_ids"].shape[1]
-    rows = answer_rows(processor.tokenizer, response[0], mask[0])[None]
-    attn = mean_rows(p, rows, P)
-    visual = masks["visual_mask"][0].cpu()
-    weights = attn[0][visual].numpy()
+    out = respond(model, processor, [sample], mode, max_new_tokens)
+    batch = out["batch"]
+    rows = answer_rows(processor.tokenizer, out["response"][0], out["response_mask"][0])[None]
+    attn = mean_rows(out["p"], rows, out["visual"].shape[1])
+    weights = attn[0][out["visual"][0]].numpy()
     ip, target = processor.image_processor, sample.get("target")
     if "image_grid_thw" in batch:
         _, h, w = (int(v) for v in batch["image_grid_thw"][0])
         heat = weights.reshape(h // ip.merge_size, w // ip.merge_size)
-        picture = overlay(open_image(sample["image"]), heat, box=target and target.get("box"))
+        picture = overlay(data.load_image(sample["image"]), heat, box=target and target.get("box"))
     else:
-        from PIL import Image, ImageDraw
         thw = batch["video_grid_thw"][0]
         t, h, w = (int(v) for v in thw)
         frames = unpatchify(batch["pixel_values_videos"], thw, ip)
@@ -248,27 +249,20 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
             picture.paste(tile, (i * tile.width, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     picture.save(path)
-    ground = grounding_scores(attn, masks["visual_mask"].cpu(), masks["target_mask"].cpu())[0] \
-        if "target_mask" in masks else None
-    return dict(path=path, text=texts[0], grounding=ground)
+    ground = grounding_scores(attn, out["visual"], out["target"])[0]
+    return dict(path=path, text=out["texts"][0], grounding=ground)
 
 
-def plot_curves(metrics_path, png_path, extra=()):
-    """The trainer's metrics.jsonl as one picture of curves, one panel per metric."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_curves(metrics_path, png_path, keys):
+    """The trainer's metrics.jsonl as one picture of curves, one panel per metric (ral.METRICS and any extra)."""
     rows = [json.loads(line) for line in open(metrics_path)]
-    keys = ["reward", "accuracy", "format", "no_spread_groups", "kl", "clip", "attn_jsd", "attn_entropy",
-            "attn_visual", "attn_target", "response_len", "grad_norm", *extra]
-    fig, axes = plt.subplots(math.ceil(len(keys) / 4), 4, figsize=(16, 3 * math.ceil(len(keys) / 4)), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
+    fig = Figure(figsize=(16, 3 * math.ceil(len(keys) / 4)))
+    for ax, k in zip(fig.subplots(math.ceil(len(keys) / 4), 4, squeeze=False).flat, keys):
         ax.plot([r["step"] for r in rows], [r[k] for r in rows])
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,7 +285,11 @@ def load_model(ckpt, device="cpu"):
     """'tiny' -> a fresh random tiny model (smoke tests); else a save_pretrained folder, a run folder, a hub id."""
     if ckpt == "tiny":
         return policy.build_tiny()
-    return policy.load(weights_dir(ckpt) if os.path.isdir(ckpt) else ckpt, device=device)
+    path = weights_dir(ckpt) if os.path.isdir(ckpt) else ckpt
+    problem = policy.check_source(path)
+    if problem:
+        raise ValueError(f"--ckpt: {problem}")
+    return policy.load(path, device=device)
 
 
 def run_mode(path):
@@ -306,15 +304,15 @@ def run_mode(path):
 
 
 def saved_results(path):
-    """eval.json beside the weights. The trainer writes one flat result for its held-out set; file it under that
-    set's suite name so --compare can read it like ours."""
-    saved = read_json(os.path.join(weights_dir(path), "eval.json"))
-    if "accuracy" in saved:
-        cfg = run_config(path)
-        name = cfg.get("eval_file") or (f"video-{cfg.get('task_frames')}x{cfg.get('task_tokens')}" if cfg.get("task") == "video"
-                                        else f"search-{cfg.get('task_tokens')}" if cfg else "held-out")
-        saved = dict(mode=run_mode(path), suites={name: saved})
-    return saved
+    """eval.json beside the weights: dict(ckpt, mode, suites={name: evaluate's result}), or {}."""
+    return read_json(os.path.join(weights_dir(path), "eval.json"))
+
+
+def save_eval(path, mode, suites, out=None):
+    """Add results to eval.json (default: beside the weights at path): the one writer of its schema, used by the
+    trainer and by this file."""
+    out = out or os.path.join(weights_dir(path), "eval.json")
+    write_json(dict(ckpt=path, mode=mode, suites={**read_json(out).get("suites", {}), **suites}), out)
 
 
 def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16, max_new_tokens=64,
@@ -348,15 +346,13 @@ def write_json(obj, path):
 def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
-    out = os.path.join(weights_dir(path), "eval.json")
-    saved = saved_results(path)
-    results = saved.get("suites", {})
+    results = saved_results(path).get("suites", {})
     missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
     if missing:
         mode = mode or run_mode(path)
         model, processor = load_model(path, device)
         results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
-        write_json(dict(saved, ckpt=path, mode=mode, suites=results), out)
+        save_eval(path, mode, results)
     return {s: results[s] for s in names}
 
 
@@ -400,8 +396,15 @@ def table(results):
     return "\n".join(lines)
 
 
+def fail(message):
+    """A user's mistake: one line on stderr, exit status 2."""
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.error = fail
     ap.add_argument("--ckpt", default="tiny", help="a save_pretrained folder, a hub id, or 'tiny' (random, offline)")
     ap.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to tabulate side by side")
     ap.add_argument("--suite", nargs="+", default=None, help=f"{' '.join(SUITES)} or .json/.jsonl files")
@@ -427,10 +430,12 @@ def main(argv=None):
     model, processor = load_model(args.ckpt, args.device)
     results = evaluate_suites(model, processor, names, args.n, mode, maps=args.maps, maps_dir=maps_dir, **kw)
     if out:
-        saved = saved_results(args.ckpt) if folder and not args.out else {}
-        write_json(dict(saved, ckpt=args.ckpt, mode=mode, suites={**saved.get("suites", {}), **results}), out)
+        save_eval(args.ckpt, mode, results, out)
     print(table(results))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:     # bad suites, files, checkpoints: named in the message
+        fail(e)

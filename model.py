@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -49,6 +49,16 @@ def load_processor(path):
     return Processor(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
 
 
+def check_source(name_or_path):
+    """Why name_or_path cannot be loaded, or None. A path that does not exist is named as such at once, instead of
+    being sent to the hub (where it waits on the network): a hub id is exactly "owner/name"."""
+    if os.path.isdir(name_or_path):
+        ok = os.path.isfile(os.path.join(name_or_path, "config.json"))
+        return None if ok else f"{name_or_path} is a folder without config.json (not a save_pretrained checkpoint)"
+    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    return None if hub_id else f"no such folder: {name_or_path}"
+
+
 def load(name_or_path, device="cpu", dtype=None):
     """A Qwen2.5-VL checkpoint (hub id or folder): bf16 on GPU, fp32 on CPU, capture kernel on, vision frozen."""
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
@@ -58,7 +68,6 @@ def load(name_or_path, device="cpu", dtype=None):
 
 def build_tokenizer(vocab_size=1024):
     """A byte-level BPE tokenizer trained here, on the vocabulary of the project's prompts and answers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     words = ("the a an of in on at is are which what where how many colour color shape object target small large "
              "red green blue yellow purple orange white black gray circle square triangle star cross diamond "
              "left right top bottom middle center corner frame video image picture find look answer question "
@@ -172,6 +181,19 @@ class HeadMeanSoftmax(torch.autograd.Function):
 
 AttentionInterface.register("ral_sdpa", ral_sdpa)
 AttentionMaskInterface.register("ral_sdpa", sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: prompt batches from data.encode, with responses appended, sliced by rows
+
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def take_rows(batch, i, j):
+    """Sequences i..j-1 of a group (G sequences sharing one prompt); the visual tensors hold the same number of
+    rows for every sequence, so they slice evenly."""
+    n = batch["input_ids"].shape[0]
+    return {k: v[i * (len(v) // n):j * (len(v) // n)] if k in VISUAL_KEYS else v[i:j] for k, v in batch.items()}
 
 
 def to_device(batch, device):

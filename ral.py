@@ -4,10 +4,12 @@ Reinforced Attention Learning: GRPO on tokens plus an advantage-weighted JSD on 
     python ral.py                                   # tiny offline default: SFT warm start, then RL, on CPU
     python ral.py config/qwen7b_8gpu.py --algo=grpo # a preset, then overrides
     torchrun --nproc_per_node=8 ral.py config/qwen7b_8gpu.py
+    python ral.py --help                            # every option, its default and its meaning
 
 The math (jsd, group_advantages, token_loss, attention_loss) is pure functions at the top; importing this file
-starts nothing.
+starts nothing. Equation numbers refer to docs/METHOD.md.
 """
+import hashlib
 import json
 import math
 import os
@@ -18,9 +20,16 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+from cli import UsageError, cli, parse
+from model import append_responses, build_tiny, check_source, generate, load, policy_forward, take_rows, \
+    to_device, with_responses
 
 # ----------------------------------------------------------------------------------------------------------------
-# The objective (PAPER.md, Eq. 1-4 and 8)
+# The objective (docs/METHOD.md, Eq. 1-4 and 8)
 
 
 def jsd(p, q):
@@ -44,6 +53,12 @@ def group_advantages(rewards, group_size, eps=1e-6):
     return torch.where(spread, adv, 0.0).view(-1)
 
 
+def masked_sum(x, mask):
+    """Sum over the positions where mask is set. Excluded, not multiplied by zero: an inf or nan at a padded
+    position stays out of the loss and its gradient."""
+    return torch.where(mask.bool(), x, 0.0).sum()
+
+
 def token_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps=0.2, beta=0.04):
     """Eq. 1 as a loss: -clipped surrogate + beta * KL_k3(pi || ref), summed over response tokens and divided by
     n_tokens, the response-token count of the whole optimizer step (so micro-batching does not change it).
@@ -53,7 +68,7 @@ def token_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps=0.2, beta
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     log_ref_ratio = ref_logp - logp
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1                 # k3 estimator, >= 0
-    loss = ((-surrogate + beta * kl) * mask).sum() / n_tokens
+    loss = masked_sum(-surrogate + beta * kl, mask) / n_tokens
     clipped = ((ratio - 1).abs() > clip_eps).float()
     return loss, clipped, kl
 
@@ -62,87 +77,107 @@ def attention_loss(p, p_old, adv, mask, n_tokens):
     """Eq. 3: A_t * JSD(p_theta^t || p_old^t), summed over response tokens / n_tokens. p_old is a constant.
     Minimizing it pulls the attention toward the rollout's when A > 0 and pushes it away when A < 0."""
     d = jsd(p, p_old.detach())
-    return (adv[:, None] * d * mask).sum() / n_tokens, d
+    return masked_sum(adv[:, None] * d, mask) / n_tokens, d
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration, nanoGPT style: defaults here, then a config file (python) and --key=value overrides.
+# Options, nanoGPT style: defaults here, then a config file (python assignments), then --key=value.
 
-DEFAULTS = dict(
-    out_dir="out/ral",
-    init_from="tiny",          # "tiny" (built offline), a save_pretrained folder, or a hub id
-    tiny_layers=4, tiny_hidden=128,
-    algo="ral",                # "grpo" (lambda_attn ignored, = 0) or "ral" (Eq. 4)
-    zero=False,                # RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward
-    task="search",             # offline task when no files are given: "search" or "video"
-    task_tokens=16,            # visual tokens per image (search) or per frame (video)
-    task_frames=8,
-    train_size=2048,           # offline prompts generated for SFT and RL
-    sft_file="", train_file="", eval_file="",   # data sets in data.py's (Video-R1) layout replace the tasks
-    # stage 1: supervised warm start (the paper's SFT); reused when its checkpoint exists
-    sft_steps=1500, sft_batch=16, sft_lr=2e-3, warm_dir="",   # "" -> out/warm-<task>-<mode>-s<seed>
-    # stage 2: RL
-    rl_steps=60, prompts_per_step=8, group_size=8, max_new_tokens=48, temperature=1.0,
-    lr=5e-5, weight_decay=0.0, grad_clip=1.0,
-    clip_eps=0.2, beta=0.04, lambda_attn=1.0,
-    mini_batches=2, epochs=1,  # optimizer steps per rollout = mini_batches * epochs (>= 2, see PAPER.md)
-    micro_batch=0,             # sequences per forward; 0 = a whole group
-    eval_n=128, eval_every=0, ckpt_every=20, log_samples=2,
-    seed=0, device="auto", dtype="auto",   # auto: bf16 weights on GPU, fp32 on CPU; GPU forwards also autocast bf16
-    grad_checkpointing=False, resume=False,
+OPTIONS = dict(   # name: (default, meaning)
+    out_dir=("out/ral", "run folder: run_config.json, metrics.jsonl, samples.jsonl, curves.png, results.json, ckpt/"),
+    init_from=("tiny", "'tiny' (built offline), a save_pretrained folder, or a hub id"),
+    tiny_layers=(4, "decoder layers of the tiny model"),
+    tiny_hidden=(128, "hidden size of the tiny model"),
+    algo=("ral", "'ral' (Eq. 4) or 'grpo' (the same with lambda_attn = 0)"),
+    zero=(False, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward"),
+    task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
+    task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
+    task_frames=(8, "frames per video (video task)"),
+    train_size=(2048, "offline prompts generated for SFT and RL"),
+    sft_file=("", "SFT data set (data.py's Video-R1 layout, JSON or JSONL) instead of the offline task"),
+    train_file=("", "RL prompts (same layout) instead of the offline task"),
+    eval_file=("", "held-out set (same layout) instead of the offline suite"),
+    sft_steps=(1500, "stage 1: supervised warm-start steps (0: start RL from init_from as it is)"),
+    sft_batch=(16, "SFT sequences per step, over all ranks"),
+    sft_lr=(2e-3, "SFT peak learning rate (20 warmup steps, then cosine)"),
+    warm_dir=("", "where the warm start lives; '' = beside out_dir, named by its recipe"),
+    rl_steps=(60, "stage 2: RL steps (one rollout each)"),
+    prompts_per_step=(8, "prompts per RL step over all ranks (each gets group_size responses)"),
+    group_size=(8, "G: responses per prompt (Eq. 8 normalizes within a group)"),
+    max_new_tokens=(48, "longest response, in tokens"),
+    temperature=(1.0, "rollout sampling temperature"),
+    lr=(5e-5, "RL learning rate (AdamW)"),
+    weight_decay=(0.0, "AdamW weight decay (SFT and RL)"),
+    grad_clip=(1.0, "gradient-norm clip (SFT and RL)"),
+    clip_eps=(0.2, "PPO ratio clip of Eq. 1"),
+    beta=(0.04, "weight of the k3 KL to the frozen reference (0: no reference model)"),
+    lambda_attn=(1.0, "weight of the attention term, Eq. 4 (set to 0 by algo=grpo)"),
+    mini_batches=(2, "optimizer steps per rollout and epoch, each on a slice of every group (1..group_size)"),
+    epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
+    micro_batch=(0, "sequences per forward, to bound memory; 0 = a whole mini-batch slice of a group"),
+    eval_n=(128, "held-out samples (0: no evaluation)"),
+    eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
+    ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
+    log_samples=(2, "responses per step written to samples.jsonl"),
+    seed=(0, "seed of the tiny model, the tasks, SFT order and every rollout"),
+    device=("auto", "'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cpu', 'cuda:0', ..."),
+    dtype=("auto", "weights' dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'; GPU forwards "
+                   "also autocast to bf16"),
+    grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
+    resume=(False, "continue exactly from out_dir/ckpt (it must exist)"),
+    wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
+    wandb_project=("ral", "the wandb project"),
 )
+DEFAULTS = {k: v[0] for k, v in OPTIONS.items()}
 
 
-def configure(defaults, argv):
-    """Resolve a config: defaults, then any config/*.py file (plain assignments), then --key=value."""
-    import ast
-    cfg = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--"):
-            scope = {}
-            exec(open(arg).read(), {}, scope)
-            unknown = set(scope) - set(cfg)
-            if unknown:
-                raise ValueError(f"{arg}: unknown config keys {sorted(unknown)}")
-            cfg.update(scope)
-            continue
-        key, _, value = arg[2:].partition("=")
-        if key not in cfg:
-            raise ValueError(f"unknown option --{key} (known: {', '.join(sorted(cfg))})")
-        try:
-            value = ast.literal_eval(value)              # numbers, True/False, lists; otherwise a plain string
-        except (ValueError, SyntaxError):
-            pass
-        if not isinstance(value, type(cfg[key])) and not (isinstance(cfg[key], float) and type(value) is int):
-            raise ValueError(f"--{key}: expected {type(cfg[key]).__name__}, got {value!r}")
-        cfg[key] = value
-    if cfg["algo"] not in ("grpo", "ral"):
-        raise ValueError(f"--algo must be grpo or ral, got {cfg['algo']!r}")
-    if not 1 <= cfg["mini_batches"] <= cfg["group_size"]:
-        raise ValueError("mini_batches must be between 1 and group_size: each mini-batch takes a slice of every group")
-    if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
-        print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
+def configure(argv, options=OPTIONS, doc=__doc__):
+    """Defaults, then config files, then --key=value (cli.parse), then every check, before anything is written."""
+    cfg = parse(argv, options, doc)
+    check(cfg)
+    if cfg["algo"] == "grpo":
+        cfg["lambda_attn"] = 0.0                    # GRPO is Eq. 4 without the attention term, settled here once
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Batches: a group's sequences, sliced for mini- and micro-batches
-
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
-
-def take_rows(batch, i, j):
-    """Sequences i..j-1 of a group (G sequences sharing one prompt); the visual tensors hold the same number of
-    rows for every sequence, so they slice evenly."""
-    n = batch["input_ids"].shape[0]
-    return {k: v[i * (len(v) // n):j * (len(v) // n)] if k in VISUAL_KEYS else v[i:j] for k, v in batch.items()}
+def check(cfg):
+    """Every value a run would otherwise fail on later, with the option named."""
+    def need(ok, message):
+        if not ok:
+            raise UsageError(message)
+    need(cfg["algo"] in ("grpo", "ral"), f"--algo must be grpo or ral, got {cfg['algo']!r}")
+    need(cfg["task"] in ("search", "video"), f"--task must be search or video, got {cfg['task']!r}")
+    need(math.isqrt(cfg["task_tokens"]) ** 2 == cfg["task_tokens"] > 0,
+         f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
+    need(1 <= cfg["mini_batches"] <= cfg["group_size"],
+         f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
+    for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
+        need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
+    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "train_size", "beta", "lambda_attn"):
+        need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
+    need(cfg["dtype"] in ("auto", "float32", "bfloat16", "float16"), f"--dtype: unknown dtype {cfg['dtype']!r}")
+    for key in ("sft_file", "train_file", "eval_file"):
+        need(not cfg[key] or os.path.isfile(cfg[key]), f"--{key}: no such file: {cfg[key]}")
+    if cfg["init_from"] != "tiny":
+        problem = check_source(cfg["init_from"])
+        need(problem is None, f"--init_from: {problem}")
+    folder = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    need(os.path.isdir(folder) and os.access(folder, os.W_OK), f"--out_dir: cannot write to {cfg['out_dir']}")
+    ckpt = os.path.join(cfg["out_dir"], "ckpt")
+    need(not cfg["resume"] or any(os.path.exists(os.path.join(c, "trainer_state.pt"))
+                                  for c in (ckpt, ckpt + ".tmp", ckpt + ".old")),
+         f"--resume=True but there is no checkpoint in {ckpt}")
+    if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
+        print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
 
 
 def seed_for(*parts):
     """A deterministic seed from (seed, step, group): the rollout does not depend on rank count or resumption."""
     h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2 ** 62)
+    for part in parts:
+        h = (h * 1_000_003 + int(part)) % (2 ** 62)
     return h
 
 
@@ -150,11 +185,8 @@ def seed_for(*parts):
 # Stage 1: supervised warm start (the paper's SFT), on the same forward as RL.
 
 def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
-    import data
-    from model import append_responses, policy_forward, to_device
-    from tqdm import tqdm
     tok = processor.tokenizer
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [w for w in model.parameters() if w.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
@@ -166,14 +198,13 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
             group["lr"] = lr
         idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
         chosen = [samples[i] for i in idx]
-        batch = data.encode(chosen, processor, mode)
-        batch.pop("visual_mask"), batch.pop("target_mask")
+        batch, _ = data.encode(chosen, processor, mode)
         targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                    for s in chosen]
         full, mask = append_responses(to_device(batch, device), targets, tok.pad_token_id)
         logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
         mask = mask.to(logp.device)
-        loss = -(logp * mask).sum() / mask.sum()
+        loss = masked_sum(-logp, mask) / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -183,123 +214,141 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Stage 2: RL. A rollout is a list of pieces (a few sequences of one group) with everything the update needs.
+# Stage 2: RL. A rollout becomes a list of micro-batches (a few sequences of one group, each tagged with the
+# mini-batch it belongs to) holding everything the update needs: the sequences, response mask, advantages, and
+# the rollout policy's log-probs and attention.
+
+def mini_batch_slices(group_size, mini_batches):
+    """Mini-batch k takes sequences [G k / M, G (k+1) / M) of every group: sizes differ by at most one, so every M
+    from 1 to G works, and the contents do not depend on how groups are spread over ranks."""
+    bounds = [group_size * k // mini_batches for k in range(mini_batches + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
 
 @torch.no_grad()
-def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, device):
-    """Per prompt: G responses by KV-cache sampling, rewards, Eq. 8 advantages, then old log-probs and old
-    attention from the training model's own forward and reference log-probs from the frozen initial model."""
-    import data
-    from model import generate, policy_forward, to_device, with_responses
+def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, device, reward_fn=data.reward):
+    """Per prompt: G responses by KV-cache sampling, rewards (reward_fn(text, sample, mode) -> dict(reward,
+    accuracy, format)), Eq. 8 advantages, then old log-probs and old attention from the training model's own
+    forward and reference log-probs from the frozen initial model. Returns (micro_batches, stats: sums for the
+    log, samples_log, times)."""
     G, tok = cfg["group_size"], processor.tokenizer
-    pieces, stats, samples_log, times = [], [], [], dict(generate=0.0, score=0.0)
+    micro_batches, samples_log = [], []
+    stats, times = dict(groups=0, responses=0, no_spread=0.0), dict(generate=0.0, score=0.0)
+    add = lambda **kv: stats.update({k: stats.get(k, 0.0) + v for k, v in kv.items()})
     for k, sample in enumerate(prompts):
         t0 = time.time()
         torch.manual_seed(seed_for(cfg["seed"], step, first_group + k))
-        batch = data.encode([sample] * G, processor, mode)
-        visual, target = batch.pop("visual_mask"), batch.pop("target_mask")
+        batch, masks = data.encode([sample] * G, processor, mode)
         batch = to_device(batch, device)
         response, response_mask = generate(model, processor, batch, cfg["max_new_tokens"], cfg["temperature"])
         texts = tok.batch_decode(response, skip_special_tokens=True)
-        scores = [data.reward(t, sample, mode) for t in texts]
+        scores = [reward_fn(t, sample, mode) for t in texts]
         rewards = torch.tensor([s["reward"] for s in scores])
         adv = group_advantages(rewards, G).to(device)
         t1 = time.time()
-        full = with_responses(batch, response, response_mask)
-        P = batch["input_ids"].shape[1]
-        # mini-batch k takes the k-th slice of every group, so its contents do not depend on how groups are spread
-        # over ranks; micro_batch splits a slice further to bound memory
-        chunk = math.ceil(G / cfg["mini_batches"])
-        for mb, first in enumerate(range(0, G, chunk)):
-            for i in range(first, min(first + chunk, G), cfg["micro_batch"] or chunk):
-                j = min(i + (cfg["micro_batch"] or chunk), first + chunk, G)
-                piece, R = take_rows(full, i, j), response.shape[1]
-                logp, p = policy_forward(model, piece, R)
-                ref_logp = policy_forward(ref_model, piece, R, attention=False)[0] if cfg["beta"] > 0 else logp
-                mask, vis, tgt = response_mask[i:j].float(), visual[i:j].to(p), target[i:j].to(p)
-                pieces.append(dict(batch=piece, R=R, mask=mask, adv=adv[i:j], old_logp=logp, old_p=p,
-                                   ref_logp=ref_logp, mb=mb))
+        full, P, R = with_responses(batch, response, response_mask), batch["input_ids"].shape[1], response.shape[1]
+        for mb, (first, last) in enumerate(mini_batch_slices(G, cfg["mini_batches"])):
+            for i in range(first, last, cfg["micro_batch"] or last - first):
+                j = min(i + (cfg["micro_batch"] or last - first), last)
+                rows = take_rows(full, i, j)
+                logp, p = policy_forward(model, rows, R)
+                ref_logp = policy_forward(ref_model, rows, R, attention=False)[0] if ref_model is not None else logp
+                mask = response_mask[i:j].float()
+                micro_batches.append(dict(batch=rows, response_len=R, mask=mask, adv=adv[i:j], old_logp=logp,
+                                          old_p=p, ref_logp=ref_logp, mini_batch=mb))
                 # where the rollout policy looks (response rows, over the prompt's visual and target tokens)
+                vis, tgt = masks["visual"][i:j].to(p)[:, None], masks["target"][i:j].to(p)[:, None]
                 entropy = -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0)).sum(-1)
-                stats.append(dict(tokens=mask.sum().item(), attn_entropy=(entropy * mask).sum().item(),
-                                  attn_visual=((p[..., :P] * vis[:, None]).sum(-1) * mask).sum().item(),
-                                  attn_target=((p[..., :P] * tgt[:, None]).sum(-1) * mask).sum().item()))
-        stats.append(dict(reward=rewards.sum().item(), accuracy=sum(s["accuracy"] for s in scores),
-                          format=sum(s["format"] for s in scores), responses=G,
-                          no_spread=float(bool((rewards == rewards[0]).all())), groups=1,
-                          response_len=response_mask.sum().item()))
+                add(tokens=mask.sum().item(), attn_entropy=masked_sum(entropy, mask).item(),
+                    attn_visual=masked_sum((p[..., :P] * vis).sum(-1), mask).item(),
+                    attn_target=masked_sum((p[..., :P] * tgt).sum(-1), mask).item())
+        add(reward=rewards.sum().item(), accuracy=sum(s["accuracy"] for s in scores),
+            format=sum(s["format"] for s in scores), responses=G, groups=1,
+            no_spread=float(bool((rewards == rewards[0]).all())), response_len=response_mask.sum().item())
         samples_log.append(dict(step=step + 1, question=sample["question"], answer=sample["answer"],
                                 responses=texts[:cfg["log_samples"]], rewards=rewards[:cfg["log_samples"]].tolist()))
         times["generate"] += t1 - t0
         times["score"] += time.time() - t1
-    return pieces, stats, samples_log, times
+    return micro_batches, stats, samples_log, times
 
 
-def rl_terms(logp, p, piece, cfg, n_tokens):
-    """Eq. 4 on one piece, from the forward's log-probs and attention: -clipped surrogate + beta KL + lambda A JSD.
-    Returns the loss and per-token sums for logging."""
-    lam = cfg["lambda_attn"] if cfg["algo"] == "ral" else 0.0
-    m = piece["mask"]
-    loss, clipped, kl = token_loss(logp, piece["old_logp"], piece["ref_logp"], piece["adv"], m, n_tokens,
-                                   cfg["clip_eps"], cfg["beta"])
-    stats = dict(kl=(kl * m).sum().item(), clip=(clipped * m).sum().item(), update_tokens=m.sum().item(),
-                 attn_jsd=0.0)
-    if lam > 0:
-        attn, d = attention_loss(p, piece["old_p"], piece["adv"], m, n_tokens)
-        loss = loss + lam * attn
-        stats["attn_jsd"] = (d * m).sum().item()
+def rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn):
+    """Eq. 4 on one micro-batch, from the forward's log-probs and attention: -clipped surrogate + beta KL +
+    lambda A JSD. Returns the loss and per-token sums for logging."""
+    m = mb["mask"]
+    loss, clipped, kl = token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], m, n_tokens, clip_eps, beta)
+    stats = dict(kl=masked_sum(kl, m).item(), clip=masked_sum(clipped, m).item(), attn_jsd=0.0)
+    if lambda_attn > 0:
+        attn, d = attention_loss(p, mb["old_p"], mb["adv"], m, n_tokens)
+        loss = loss + lambda_attn * attn
+        stats["attn_jsd"] = masked_sum(d, m).item()
     return loss, stats
 
 
-def rl_loss(model, piece, cfg, n_tokens):
-    """One piece's forward and its Eq. 4 loss (the default `piece_loss` of update)."""
-    from model import policy_forward
-    attention = cfg["algo"] == "ral" and cfg["lambda_attn"] > 0
-    logp, p = policy_forward(model, piece["batch"], piece["R"], attention=attention)
-    return rl_terms(logp, p, piece, cfg, n_tokens)
+def rl_loss(clip_eps, beta, lambda_attn):
+    """Eq. 4 as `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`: the per-micro-batch objective that
+    update minimizes (distill.py builds Eq. 6 the same way)."""
+    def loss_fn(model, mb, n_tokens):
+        logp, p = policy_forward(model, mb["batch"], mb["response_len"], attention=lambda_attn > 0)
+        return rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)
+    return loss_fn
 
 
-def update(model, optimizer, pieces, cfg, world, piece_loss=rl_loss):
-    """mini_batches x epochs optimizer steps over one rollout: -clipped surrogate + beta KL + lambda A JSD (Eq. 4),
-    each a token mean over the global response-token count of its mini-batch. `piece_loss(model, piece, cfg,
-    n_tokens) -> (loss, stats)` is the per-piece objective (distill.py passes Eq. 6)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    stats = []
-    for _ in range(cfg["epochs"]):
-        for mb in [[p for p in pieces if p["mb"] == k] for k in range(cfg["mini_batches"])]:
-            n_tokens = torch.tensor(float(sum(p["mask"].sum() for p in mb)), device=mb[0]["mask"].device)
+def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world):
+    """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches and
+    divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step."""
+    params = [w for w in model.parameters() if w.requires_grad]
+    records = []
+    for _ in range(epochs):
+        for k in range(mini_batches):
+            mbs = [mb for mb in micro_batches if mb["mini_batch"] == k]
+            n_tokens = torch.tensor(float(sum(mb["mask"].sum() for mb in mbs)), device=mbs[0]["mask"].device)
             if world > 1:
                 dist.all_reduce(n_tokens)
             optimizer.zero_grad(set_to_none=True)
-            for j, piece in enumerate(mb):
-                sync = j == len(mb) - 1 or world == 1
+            record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), opt_steps=1)
+            for j, mb in enumerate(mbs):
+                sync = j == len(mbs) - 1 or world == 1
                 with nullcontext() if sync else model.no_sync():
-                    loss, s = piece_loss(model, piece, cfg, n_tokens)
+                    loss, s = loss_fn(model, mb, n_tokens)
                     (loss * world).backward()     # DDP averages gradients over ranks; the loss is a global sum
-                stats.append(dict(s, loss=loss.item() * n_tokens.item()))
-            stats.append(dict(grad_norm=torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"]).item(), opt_steps=1))
+                for key, v in dict(s, loss=loss.item() * n_tokens.item()).items():
+                    record[key] = record.get(key, 0.0) + v
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
             optimizer.step()
-    return stats
+            records.append(record)
+    return records
 
 
-def reduce_stats(stats, world, device, per_token=()):
-    """Sum every stat over pieces and ranks, then turn sums into means per token / response / group. `per_token`:
-    extra keys (sums over update tokens) to report as token means."""
-    keys = sorted({k for s in stats for k in s})
-    totals = torch.tensor([sum(s.get(k, 0.0) for s in stats) for k in keys], dtype=torch.float64, device=device)
+# What metrics.jsonl holds, by what each sum is divided by.
+PER_RESPONSE = ("reward", "accuracy", "format", "response_len")
+PER_ROLLOUT_TOKEN = ("attn_entropy", "attn_visual", "attn_target")
+PER_UPDATE_TOKEN = ("kl", "clip", "attn_jsd", "loss")
+METRICS = PER_RESPONSE + ("no_spread_groups",) + PER_ROLLOUT_TOKEN + PER_UPDATE_TOKEN + ("grad_norm",)
+
+
+def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
+    """Sum the rollout's and every optimizer step's sums over ranks, then divide: per response, per rollout token,
+    per update token, per group, per optimizer step. `per_token`: extra update-token means (distill.py's terms)."""
+    sums = dict(rollout_stats)
+    for record in update_records:
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals)
     t = dict(zip(keys, totals.tolist()))
-    out = {k: t[k] / t["responses"] for k in ("reward", "accuracy", "format", "response_len")}
-    out.update({k: t[k] / t["tokens"] for k in ("attn_entropy", "attn_visual", "attn_target")})
-    out.update({k: t[k] / t["update_tokens"] for k in ("kl", "clip", "attn_jsd", "loss", *per_token)})
+    out = {k: t[k] / t["responses"] for k in PER_RESPONSE}
     out["no_spread_groups"] = t["no_spread"] / t["groups"]
+    out.update({k: t[k] / t["tokens"] for k in PER_ROLLOUT_TOKEN})
+    out.update({k: t[k] / t["update_tokens"] for k in PER_UPDATE_TOKEN + tuple(per_token)})
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: a save_pretrained folder plus trainer_state.pt, swapped in atomically.
+# Checkpoints: a save_pretrained folder plus trainer_state.pt (written last), swapped in by renames.
 
 def save_checkpoint(path, model, processor, optimizer, state):
     tmp, old = path + ".tmp", path + ".old"
@@ -315,8 +364,21 @@ def save_checkpoint(path, model, processor, optimizer, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(path):
+    """A crash between save_checkpoint's two renames leaves path.old (the previous checkpoint) and path.tmp (the
+    new one, complete: trainer_state.pt is written last). Put the newest complete one back at path."""
+    if not os.path.exists(os.path.join(path, "trainer_state.pt")):
+        for candidate in (path + ".tmp", path + ".old"):
+            if os.path.exists(os.path.join(candidate, "trainer_state.pt")):
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(candidate, path)
+                print(f"recovered the checkpoint {path} from {candidate} (a save was interrupted)")
+                break
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The trainer
+# The trainer, as plain steps: configure, setup_distributed, load_samples, warm_start, train. main runs them.
 
 def setup_distributed(cfg):
     """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPU. Otherwise a single process."""
@@ -324,6 +386,8 @@ def setup_distributed(cfg):
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if cfg["prompts_per_step"] % world:
+        raise UsageError(f"--prompts_per_step={cfg['prompts_per_step']} must divide among {world} ranks")
     device = cfg["device"]
     if device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -332,44 +396,70 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def read_samples(path):
+    try:
+        samples = data.load_dataset(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not samples:
+        raise UsageError(f"{path}: no records")
+    return samples
+
+
 def load_samples(cfg):
-    """SFT, RL and held-out samples: data sets in data.py's layout, or the offline task."""
-    import data
-    import eval as evaluation
+    """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task) and the held-out suite's
+    name, under which its results are filed in eval.json."""
     if cfg["task"] == "search":
         offline = data.search_task(cfg["train_size"], seed=cfg["seed"], tokens=cfg["task_tokens"])
-        suite = f"search-{cfg['task_tokens']}"
-    elif cfg["task"] == "video":
+    else:
         folder = os.path.join(cfg["out_dir"], "videos")
         offline = data.video_task(cfg["train_size"], seed=cfg["seed"], frames=cfg["task_frames"], folder=folder,
                                   tokens_per_frame=cfg["task_tokens"])
-        suite = f"video-{cfg['task_frames']}x{cfg['task_tokens']}"
-    else:
-        raise ValueError(f"--task must be search or video, got {cfg['task']!r}")
-    sft_samples = data.load_dataset(cfg["sft_file"]) if cfg["sft_file"] else offline
-    train = data.load_dataset(cfg["train_file"]) if cfg["train_file"] else offline
-    held_out = data.load_dataset(cfg["eval_file"])[:cfg["eval_n"] or None] if cfg["eval_file"] else \
-        evaluation.suite(suite, n=cfg["eval_n"]) if cfg["eval_n"] else []
-    return sft_samples, train, held_out
+    sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else offline
+    train = read_samples(cfg["train_file"]) if cfg["train_file"] else offline
+    name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
+    held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
+                evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
+    return sft_samples, train, held_out, name
 
 
-def warm_path(cfg):
-    """Where the warm start of this recipe lives, beside out_dir: runs that differ only in RL reuse it."""
+# Every option that changes what SFT produces; with the data file's content, they name the warm start.
+WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "train_size",
+             "sft_file", "sft_steps", "sft_batch", "sft_lr", "weight_decay", "grad_clip", "seed", "dtype")
+
+
+def warm_recipe(cfg):
+    recipe = {k: cfg[k] for k in WARM_KEYS}
+    if cfg["sft_file"]:
+        with open(cfg["sft_file"], "rb") as f:
+            recipe["sft_file_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return recipe
+
+
+def warm_path(cfg, recipe):
+    """Beside out_dir, so runs that differ only in RL share it: a readable name plus a hash of the whole recipe."""
     base = f"tiny{cfg['tiny_layers']}x{cfg['tiny_hidden']}" if cfg["init_from"] == "tiny" else \
         os.path.basename(cfg["init_from"].rstrip("/"))
-    data_tag = os.path.basename(cfg["sft_file"]) if cfg["sft_file"] else f"{cfg['task']}{cfg['task_tokens']}"
-    return os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".", f"warm-{base}-{data_tag}-"
-                        f"{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}")
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".",
+                        f"warm-{base}-{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}-{key}")
 
 
 def warm_start(cfg, sft_samples, mode, device, rank, world):
-    """The RL starting point, as a folder: the SFT checkpoint if it exists, else build or load the model, run SFT
-    (sft_steps > 0) and save it there. A real checkpoint with sft_steps=0 is used as it is."""
-    from model import build_tiny, load
+    """The RL starting point, as a folder: the SFT checkpoint of this recipe if it exists, else build or load the
+    model, run SFT (sft_steps > 0) and save it there with its recipe. A real checkpoint with sft_steps=0 is used
+    as it is."""
     if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
         return cfg["init_from"]
-    path = cfg["warm_dir"] or warm_path(cfg)
+    recipe = warm_recipe(cfg)
+    path = cfg["warm_dir"] or warm_path(cfg, recipe)
     if os.path.exists(os.path.join(path, "config.json")):
+        saved = evaluation.read_json(os.path.join(path, "recipe.json"))
+        if cfg["warm_dir"] and saved and saved != recipe:
+            changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
+            raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
+        if rank == 0:
+            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={recipe[k]}' for k in WARM_KEYS)})")
         return path
     if cfg["init_from"] == "tiny":
         model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
@@ -381,94 +471,93 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
             sft_samples, cfg, mode, device, rank, world)
     if rank == 0:
         save_checkpoint(path, model, processor, None, dict(stage="sft"))
+        evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
         print(f"warm start saved to {path}")
     if world > 1:
         dist.barrier()
     return path
 
 
-def main(argv, defaults=DEFAULTS, setup=None):
-    """The RL run. distill.py reuses it: `defaults` adds its options and `setup(cfg, sft_samples, mode, device,
-    rank, world)` returns dict(start=the student's starting folder, piece_loss=its objective for update,
-    stats=extra per-token metric keys, name=the run's label); the default is the warm start and Eq. 4."""
-    import eval as evaluation
-    from model import load
-    from tqdm import tqdm
-    cfg = configure(defaults, argv)
-    rank, world, device = setup_distributed(cfg)
-    if cfg["prompts_per_step"] % world:
-        raise ValueError(f"prompts_per_step={cfg['prompts_per_step']} must divide among {world} ranks")
-    mode = "zero" if cfg["zero"] else "think"
-    out = cfg["out_dir"]
-    torch.manual_seed(cfg["seed"] + rank)
+def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
+          reward_fn=data.reward):
+    """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
+    (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
+    out, mode = cfg["out_dir"], "zero" if cfg["zero"] else "think"
+    ckpt, metrics_path, samples_path = (os.path.join(out, f) for f in ("ckpt", "metrics.jsonl", "samples.jsonl"))
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        json.dump(cfg, open(os.path.join(out, "config.json.tmp"), "w"), indent=1)
-        os.replace(os.path.join(out, "config.json.tmp"), os.path.join(out, "run_config.json"))
+        evaluation.write_json(cfg, os.path.join(out, "run_config.json"))
     t_start = time.time()
-
-    sft_samples, train, held_out = load_samples(cfg)
-    hooks = setup(cfg, sft_samples, mode, device, rank, world) if setup else \
-        dict(start=warm_start(cfg, sft_samples, mode, device, rank, world))
-    start, name = hooks["start"], hooks.get("name", cfg["algo"] + ("-zero" if cfg["zero"] else ""))
-    ckpt = os.path.join(out, "ckpt")
-    resume = cfg["resume"] and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    torch.manual_seed(cfg["seed"] + rank)
     dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])
-    model, processor = load(ckpt if resume else start, device, dtype)
+    model, processor = load(recover_checkpoint(ckpt) if cfg["resume"] else start, device, dtype)
     ref_model = load(start, device, dtype)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step, results = 0, {}
-    if resume:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        step, results = state["step"], json.loads(state["results"])
+    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"])
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    step, results = 0, {}
+    if cfg["resume"]:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        step, results = state["step"], json.loads(state["results"])
+    if rank == 0:
+        for path in (metrics_path, samples_path):
+            rows = open(path).readlines() if cfg["resume"] and os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(r for r in rows if json.loads(r)["step"] <= step)
+    run = None
+    if cfg["wandb_log"] and rank == 0:
+        import wandb    # optional: only when asked
+        run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
+                         resume="allow")
 
     def evaluate(tag):
         if rank == 0 and held_out:
-            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"])
+            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
+                                    reward_fn=reward_fn)
             results[tag] = r
             print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
+            if run is not None:
+                run.log({f"eval/{tag}/accuracy": r["accuracy"]}, step=step)
         if world > 1:
             dist.barrier()
 
     if "before_rl" not in results:
         evaluate("before_rl")
     per_rank = cfg["prompts_per_step"] // world
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    for path in (metrics_path, os.path.join(out, "samples.jsonl")):
-        if rank == 0:   # start fresh, or keep only the steps the checkpoint holds (a crash may have logged more)
-            rows = [r for r in open(path)] if resume and os.path.exists(path) else []
-            with open(path, "w") as f:
-                f.writelines(r for r in rows if json.loads(r)["step"] <= step)
-    bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0,
-               initial=step, total=cfg["rl_steps"])
+    bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0, initial=step, total=cfg["rl_steps"])
     for step in bar:
-        # every rank draws the same global prompts for this step and takes its own share of whole groups
+        # this rank's prompts: every rank draws the same global prompts and takes its own share of whole groups
         g = torch.Generator().manual_seed(seed_for(cfg["seed"], step))
-        idx = torch.randint(len(train), (cfg["prompts_per_step"],), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+        idx = torch.randint(len(train_samples), (cfg["prompts_per_step"],), generator=g)
+        prompts = [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
         t0 = time.time()
-        model.eval()
         with autocast:
-            pieces, stats, samples_log, times = rollout(model, ref_model, processor, [train[i] for i in idx], cfg,
-                                                        mode, step, rank * per_rank, device)
+            # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
+            model.eval()
+            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts, cfg, mode,
+                                                               step, rank * per_rank, device, reward_fn)
+            # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             t1 = time.time()
-            stats += update(train_model, optimizer, pieces, cfg, world, hooks.get("piece_loss", rl_loss))
-        row = dict(step=step + 1, **reduce_stats(stats, world, device, hooks.get("stats", ())),
+            records = update(train_model, optimizer, micro_batches, loss_fn, cfg["mini_batches"], cfg["epochs"],
+                             cfg["grad_clip"], world)
+        # log: one row per step, sums over ranks turned into means
+        row = dict(step=step + 1, **reduce_stats(stats, records, world, device, extra_stats),
                    time_generate=times["generate"], time_score=times["score"], time_update=time.time() - t1,
                    time_step=time.time() - t0)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            with open(os.path.join(out, "samples.jsonl"), "a") as f:
+            with open(samples_path, "a") as f:
                 f.write(json.dumps(samples_log[0]) + "\n")
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row['kl']:.3f}")
+            if run is not None:
+                run.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+        # evaluate and checkpoint
         if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and step + 1 < cfg["rl_steps"]:
             evaluate(f"step_{step + 1}")
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["rl_steps"]:
@@ -480,18 +569,30 @@ def main(argv, defaults=DEFAULTS, setup=None):
     evaluate("after_rl")
     if rank == 0:
         results["wall_time_s"] = time.time() - t_start
-        json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1)
+        evaluation.write_json(results, os.path.join(out, "results.json"))
         if os.path.getsize(metrics_path):
-            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), hooks.get("stats", ()))
+            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), METRICS + tuple(extra_stats))
         if held_out:
-            json.dump(results["after_rl"], open(os.path.join(ckpt, "eval.json"), "w"), indent=1)
+            evaluation.save_eval(ckpt, mode, {suite: results["after_rl"]})
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
             print(f"held-out accuracy {b:.3f} -> {a:.3f} after {name}")
         print(f"results, curves and samples in {out}/, checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
+        if run is not None:
+            run.finish()
     if world > 1:
         dist.destroy_process_group()
     return results
 
 
+def main(argv, reward_fn=data.reward):
+    cfg = configure(argv)
+    rank, world, device = setup_distributed(cfg)
+    sft_samples, train_samples, held_out, suite = load_samples(cfg)
+    start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
+    name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
+    return train(cfg, start, train_samples, held_out, suite, rank, world, device,
+                 rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"]), name, reward_fn=reward_fn)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main, sys.argv[1:])

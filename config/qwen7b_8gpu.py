@@ -1,4 +1,4 @@
-# The paper's setting (PAPER.md "Paper setup"): Qwen2.5-VL-7B, SFT on Video-R1-COT-165k, then RL on the first
+# The paper's setting (docs/METHOD.md, "The paper's setup"): Qwen2.5-VL-7B, SFT on Video-R1-COT-165k, then RL on the first
 # 51.2k prompts of Video-R1-260k, one epoch, on one node of 8 GPUs:
 #   torchrun --nproc_per_node=8 ral.py config/qwen7b_8gpu.py --sft_file=... --train_file=... --eval_file=...
 # Vision tower and merger frozen (model.prepare). Images up to 5120x28x28 pixels, video at 1 fps, at most 128 frames

@@ -86,10 +86,10 @@ def test_target_tokens_agree_with_image_geometry(tiny, tokens):
     side = int(tokens ** 0.5) * 28
     for s in data.search_task(3, seed=7, tokens=tokens):
         assert s["image"].size == (side, side)
-        batch = data.encode([s], processor)
+        batch, masks = data.encode([s], processor)
         assert batch["image_grid_thw"].tolist() == [[1, side // 14, side // 14]]   # not resized
-        assert int(batch["visual_mask"].sum()) == tokens
-        mask = batch["target_mask"][0, batch["visual_mask"][0]].reshape(side // 28, side // 28)
+        assert int(masks["visual"].sum()) == tokens
+        mask = masks["target"][0, masks["visual"][0]].reshape(side // 28, side // 28)
         # independent: the cells holding the star's own pixels (its colour, inside its box)
         x0, y0, x1, y1 = s["target"]["box"]
         colour = data.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]]
@@ -107,9 +107,9 @@ def test_target_tokens_agree_with_image_geometry(tiny, tokens):
 def test_resized_image_scales_the_target(tiny):
     _, processor = tiny
     s = data.search_task(1, seed=0, tokens=256)[0]          # 448 px
-    batch = data.encode([s], processor, image_pixels=224 * 224)
+    batch, masks = data.encode([s], processor, image_pixels=224 * 224)
     assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]
-    mask = batch["target_mask"][0, batch["visual_mask"][0]].reshape(8, 8)
+    mask = masks["target"][0, masks["visual"][0]].reshape(8, 8)
     x0, y0, x1, y1 = (v / 2 for v in s["target"]["box"])
     expect = {(r, c) for r in range(8) for c in range(8)
               if c * 28 < x1 and (c + 1) * 28 > x0 and r * 28 < y1 and (r + 1) * 28 > y0}
@@ -161,21 +161,19 @@ def test_video_batch_drives_the_tiny_model(tiny, tmp_path):
     text = dict(id="t", question="How many stars?", options=[], answer="1", problem_type="numerical", image=None,
                 video=None, target=None, rationale=None, source="test")
     samples = [videos[0], images[0], text, videos[1]]
-    batch = data.encode(samples, processor)
+    batch, masks = data.encode(samples, processor)
     assert batch["video_grid_thw"].tolist() == [[3, 8, 8]] * 2
     assert batch["second_per_grid_ts"].tolist() == [2.0, 2.0]
     assert batch["pixel_values_videos"].shape == (2 * 3 * 64, 3 * 2 * 14 * 14)
-    assert batch["visual_mask"].sum(1).tolist() == [48, 16, 0, 48]
+    assert masks["visual"].sum(1).tolist() == [48, 16, 0, 48]
     for b, s in zip([0, 3], videos):  # target tokens only in the needle's temporal group
-        vis = batch["target_mask"][b, batch["visual_mask"][b]].reshape(3, 16)
+        vis = masks["target"][b, masks["visual"][b]].reshape(3, 16)
         assert vis.any(1).tolist() == [g == s["target"]["frame"] // 2 for g in range(3)]
-    visual, target = batch.pop("visual_mask"), batch.pop("target_mask")
-    assert (batch["mm_token_type_ids"] > 0).equal(visual)
+    assert (batch["mm_token_type_ids"] > 0).equal(masks["visual"])
     with torch.no_grad():
         together = net(**batch).logits[:, -1]
         for b, s in enumerate(samples):  # each sample alone gives the same output: pixels stayed aligned
-            alone = data.encode([s], processor)
-            alone.pop("visual_mask"), alone.pop("target_mask")
+            alone, _ = data.encode([s], processor)
             assert torch.allclose(net(**alone).logits[0, -1], together[b], atol=1e-4), s["id"]
 
 
@@ -183,21 +181,21 @@ def test_video_target_follows_frame_sampling(tiny, tmp_path):
     _, processor = tiny
     seen = set()
     for s in data.video_task(4, seed=3, frames=4, folder=str(tmp_path)):
-        batch = data.encode([s], processor, video_fps=0.5)   # keeps frames 0 and 2: one temporal group
+        batch, masks = data.encode([s], processor, video_fps=0.5)   # keeps frames 0 and 2: one temporal group
         assert batch["video_grid_thw"].tolist() == [[1, 8, 8]] and batch["second_per_grid_ts"].tolist() == [4.0]
         seen.add(s["target"]["frame"] in (0, 2))
-        assert batch["target_mask"].any().item() == (s["target"]["frame"] in (0, 2))  # a skipped needle: no target
+        assert masks["target"].any().item() == (s["target"]["frame"] in (0, 2))  # a skipped needle: no target
     assert seen == {True, False}
 
 
 def test_encode_repeats_each_prompt_g_times(tiny):
     _, processor = tiny
     prompts = data.search_task(2, seed=0, tokens=16)
-    batch = data.encode([s for s in prompts for _ in range(3)], processor, mode="zero")
+    batch, masks = data.encode([s for s in prompts for _ in range(3)], processor, mode="zero")
     assert batch["input_ids"].shape[0] == 6 and batch["pixel_values"].shape[0] == 6 * 64
     rows = batch["pixel_values"].reshape(6, 64, -1)
     assert torch.equal(rows[0], rows[2]) and not torch.equal(rows[2], rows[3])
-    assert torch.equal(batch["target_mask"][0], batch["target_mask"][2])
+    assert torch.equal(masks["target"][0], masks["target"][2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +228,7 @@ def test_load_dataset_with_images_and_videos(tiny, tmp_path, jsonl):
     assert img["answer"] == "B" and vid["rationale"] == "It is blue." and img["rationale"] is None
     assert num["options"] == [] and num["question"] == "What colour is the star?" and num["answer"] == "3"
     assert img["source"] == "test" and img["target"] is None
-    batch = data.encode(samples, tiny[1], video_fps=2.0)
+    batch, _ = data.encode(samples, tiny[1], video_fps=2.0)
     assert batch["video_grid_thw"].tolist() == [[2, 8, 8]] and batch["second_per_grid_ts"].tolist() == [1.0]
     assert data.reward("<think>x</think><answer>B. blue</answer>", img)["reward"] == 1.0
 

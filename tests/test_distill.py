@@ -11,16 +11,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import data
 import distill
 import ral
+from helpers import spread_reward
 from model import Processor, build_tiny, build_tokenizer, policy_forward
 
 SMALL = ["--sft_steps=0", "--teacher_sft_steps=0", "--teacher_layers=2", "--tiny_layers=1", "--tiny_hidden=64",
          "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=6", "--eval_n=2", "--task_tokens=16",
          "--train_size=8"]
-
-
-def spread_reward(text, sample, mode="think"):
-    """Non-zero advantages on a random model (the real reward is 0 for every response)."""
-    return dict(reward=(len(text) % 3) / 2, accuracy=0.0, format=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +30,21 @@ def pair():
     teacher.eval().requires_grad_(False)
     cfg = dict(ral.DEFAULTS, algo="grpo", group_size=4, max_new_tokens=6, beta=0.0, mini_batches=2)
     torch.manual_seed(0)
-    pieces = ral.rollout(student, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
-                         "cpu")[0]
-    return student, teacher, processor, cfg, pieces
+    micro_batches = ral.rollout(student, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
+                                "cpu")[0]
+    return student, teacher, processor, cfg, micro_batches
 
 
-def mean_jsd(student, teacher, pieces):
+def mean_jsd(student, teacher, mbs):
     with torch.no_grad():
-        total = sum((ral.jsd(policy_forward(student, pc["batch"], pc["R"])[1],
-                             distill.teacher_forward(teacher, pc, "cpu")[1]) * pc["mask"]).sum() for pc in pieces)
-    return (total / sum(pc["mask"].sum() for pc in pieces)).item()
+        total = sum((ral.jsd(policy_forward(student, pc["batch"], pc["response_len"])[1],
+                             distill.teacher_forward(teacher, pc, "cpu")[1]) * pc["mask"]).sum() for pc in mbs)
+    return (total / sum(pc["mask"].sum() for pc in mbs)).item()
+
+
+def distill_loss(teacher, mu, gamma_attn):
+    """Eq. 6 with GRPO's token loss and no reference KL, as the pair's config has it."""
+    return distill.distill_loss(teacher, mu, gamma_attn, clip_eps=0.2, beta=0.0, lambda_attn=0.0)
 
 
 def params(model):
@@ -66,15 +67,15 @@ def test_reverse_kl_is_kl_student_to_teacher():
 def test_attention_distillation_gradient_is_nonzero_at_the_first_step(pair):
     """RAL's JSD to p_old has zero gradient while the weights equal the rollout's; Eq. 5's JSD to the teacher
     does not."""
-    student, teacher, _, _, pieces = pair
-    piece = pieces[0]
-    n = piece["mask"].sum()
+    student, teacher, _, _, mbs = pair
+    mb = mbs[0]
+    n = mb["mask"].sum()
     grads = {}
     for name in ("ral", "distill"):
         student.zero_grad(set_to_none=True)
-        _, p = policy_forward(student, piece["batch"], piece["R"])
-        target = piece["old_p"] if name == "ral" else distill.teacher_forward(teacher, piece, "cpu")[1]
-        ((ral.jsd(p, target) * piece["mask"]).sum() / n).backward()
+        _, p = policy_forward(student, mb["batch"], mb["response_len"])
+        target = mb["old_p"] if name == "ral" else distill.teacher_forward(teacher, mb, "cpu")[1]
+        ((ral.jsd(p, target) * mb["mask"]).sum() / n).backward()
         grads[name] = torch.cat([q.grad.flatten() for q in student.parameters() if q.grad is not None]).norm()
     student.zero_grad(set_to_none=True)
     assert grads["distill"] > 1e-4
@@ -83,53 +84,51 @@ def test_attention_distillation_gradient_is_nonzero_at_the_first_step(pair):
 
 def test_a_few_steps_lower_the_attention_jsd(pair):
     """Attention distillation alone (mu = 0; the fixed rollout's rewards are all 0, so no RL signal)."""
-    student, teacher, _, cfg, pieces = pair
-    assert all(pc["adv"].abs().sum() == 0 for pc in pieces)
+    student, teacher, _, cfg, mbs = pair
+    assert all(pc["adv"].abs().sum() == 0 for pc in mbs)
     model = copy.deepcopy(student).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    before = mean_jsd(model, teacher, pieces)
+    before = mean_jsd(model, teacher, mbs)
     for _ in range(4):
-        ral.update(model, opt, pieces, cfg, 1, distill.distill_loss(teacher, mu=0.0, gamma_attn=1.0))
-    after = mean_jsd(model, teacher, pieces)
+        ral.update(model, opt, mbs, distill_loss(teacher, mu=0.0, gamma_attn=1.0), 2, 1, 1.0, world=1)
+    after = mean_jsd(model, teacher, mbs)
     assert before > 1e-3 and after < 0.7 * before, (before, after)
 
 
-def test_gamma_zero_is_exactly_the_kd_baseline(pair, monkeypatch):
+def test_gamma_zero_is_exactly_the_kd_baseline(pair):
     """With gamma_attn = 0 the update is bit-for-bit L_RL + mu * reverse KL, written out here on its own (no
     attention capture); gamma_attn > 0 changes it."""
-    monkeypatch.setattr(data, "reward", spread_reward)
     student, teacher, processor, cfg, _ = pair
     torch.manual_seed(0)
-    pieces = ral.rollout(student, None, processor, data.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
-                         "cpu")[0]
-    assert any(pc["adv"].abs().sum() > 0 for pc in pieces)
+    mbs = ral.rollout(student, None, processor, data.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
+                         "cpu", spread_reward)[0]
+    assert any(pc["adv"].abs().sum() > 0 for pc in mbs)
     mu = 0.7
 
-    def kd(model, piece, cfg, n_tokens):
-        logp, _, logprobs = policy_forward(model, piece["batch"], piece["R"], attention=False, full=True)
-        loss, stats = ral.rl_terms(logp, None, piece, cfg, n_tokens)
-        kl = distill.reverse_kl(logprobs, distill.teacher_forward(teacher, piece, "cpu")[0])
-        return loss + mu * (kl * piece["mask"]).sum() / n_tokens, stats
+    def kd(model, mb, n_tokens):
+        logp, _, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=False, full=True)
+        loss, stats = ral.rl_terms(logp, None, mb, n_tokens, clip_eps=0.2, beta=0.0, lambda_attn=0.0)
+        kl = distill.reverse_kl(logprobs, distill.teacher_forward(teacher, mb, "cpu")[0])
+        return loss + mu * (kl * mb["mask"]).sum() / n_tokens, stats
 
     final, losses = {}, {}
-    for name, loss in (("kd", kd), ("gamma0", distill.distill_loss(teacher, mu, 0.0)),
-                       ("gamma", distill.distill_loss(teacher, mu, 0.5))):
+    for name, loss in (("kd", kd), ("gamma0", distill_loss(teacher, mu, 0.0)), ("gamma", distill_loss(teacher, mu, 0.5))):
         model = copy.deepcopy(student).train()
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        stats = ral.update(model, opt, pieces, cfg, 1, loss)
-        final[name], losses[name] = params(model), [s["loss"] for s in stats if "loss" in s]
+        opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.5)
+        records = ral.update(model, opt, mbs, loss, 2, 1, 1.0, world=1)
+        final[name], losses[name] = params(model), [r["loss"] for r in records]
     assert (final["kd"] - params(student)).abs().max() > 1e-3
     assert losses["gamma0"] == losses["kd"] and torch.equal(final["gamma0"], final["kd"])
     assert losses["gamma"] != losses["kd"] and not torch.equal(final["gamma"], final["kd"])
 
 
 def test_teacher_on_another_dtype(pair):
-    student, teacher, _, cfg, pieces = pair
-    n = pieces[0]["mask"].sum()
+    student, teacher, _, cfg, mbs = pair
+    n = mbs[0]["mask"].sum()
     stats = {}
     for name, t in (("fp32", teacher), ("bf16", copy.deepcopy(teacher).to(torch.bfloat16))):
         with torch.no_grad():
-            loss, stats[name] = distill.distill_loss(t, 1.0, 0.5)(student, pieces[0], cfg, n)
+            loss, stats[name] = distill_loss(t, 1.0, 0.5)(student, mbs[0], n)
         assert torch.isfinite(loss)
     assert abs(stats["bf16"]["rkl"] - stats["fp32"]["rkl"]) < 0.05 * stats["fp32"]["rkl"]
 
@@ -161,14 +160,13 @@ def test_mismatched_pair_fails_before_training(tmp_path):
     assert not os.path.exists(out / "metrics.jsonl") and not os.path.exists(out / "ckpt")
 
 
-def test_run_logs_checkpoints_and_resumes(tmp_path, monkeypatch):
+def test_run_logs_checkpoints_and_resumes(tmp_path):
     """ral.py's trainer with the distillation loss: metrics carry the reverse KL and the attention JSD, a split
     run resumed from its checkpoint ends where the whole run does."""
-    monkeypatch.setattr(data, "reward", spread_reward)
     common = [*SMALL, "--ckpt_every=1", f"--warm_dir={tmp_path / 'student'}"]
-    results = distill.main([f"--out_dir={tmp_path / 'whole'}", "--rl_steps=2", *common])
-    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=1", *common])
-    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=2", "--resume=True", *common])
+    results = distill.main([f"--out_dir={tmp_path / 'whole'}", "--rl_steps=2", *common], spread_reward)
+    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=1", *common], spread_reward)
+    distill.main([f"--out_dir={tmp_path / 'split'}", "--rl_steps=2", "--resume=True", *common], spread_reward)
     rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(r["rkl"] > 0 and r["distill_jsd"] > 0 for r in rows)
     assert {"before_rl", "after_rl"} <= set(results)

@@ -152,11 +152,12 @@ def test_method_name_and_mode():
 
 
 def test_reads_the_trainers_run_folder(tmp_path):
-    # ral.py: <run>/run_config.json, weights and a flat eval.json (its held-out result) in <run>/ckpt
+    # ral.py: <run>/run_config.json, weights and eval.json (its held-out result, filed by save_eval) in <run>/ckpt
     run = tmp_path / "ral-zero-s0"
     ev.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
-    ev.write_json(fake_result(0.5, n=128), str(run / "ckpt" / "eval.json"))
+    (run / "ckpt").mkdir()
     (run / "ckpt" / "config.json").write_text("{}")
+    ev.save_eval(str(run / "ckpt"), "zero", {ev.suite_name("search", 256): fake_result(0.5, n=128)})
     assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
     saved = ev.saved_results(str(run))
     assert saved["suites"]["search-256"]["n"] == 128

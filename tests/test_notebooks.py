@@ -32,8 +32,7 @@ def test_notebook_runs(path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
-    import data
-    reward, threads = data.reward, torch.get_num_threads()
+    threads = torch.get_num_threads()
     nb = json.load(open(path, encoding="utf-8"))
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     source = "\n\n".join(f"# --- code cell {k + 1} ---\n{cell}" for k, cell in enumerate(cells))
@@ -44,5 +43,4 @@ def test_notebook_runs(path, monkeypatch):
         exec(compile(source, name, "exec"), {"__name__": "__main__"})
     finally:
         plt.close("all")
-        data.reward = reward    # what a notebook changes must not leak into other tests
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)    # what a notebook changes must not leak into other tests

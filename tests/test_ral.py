@@ -10,6 +10,7 @@ import torch
 
 import data
 import ral
+from helpers import spread_reward
 from model import build_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,27 +18,21 @@ SMALL = ["--sft_steps=0", "--prompts_per_step=2", "--group_size=4", "--max_new_t
          "--task_tokens=16", "--train_size=8", "--lr=1e-3"]
 
 
-def spread_reward(text, sample, mode="think"):
-    """A reward with spread on a random model (the real one is 0 for every response), so advantages are non-zero."""
-    return dict(reward=(len(text) % 3) / 2, accuracy=0.0, format=0.0)
-
-
 def params_of(folder):
     from model import load
     return {k: v.clone() for k, v in load(folder)[0].state_dict().items()}
 
 
-def test_end_to_end_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "reward", spread_reward)
+def test_end_to_end_run(tmp_path):
     out = str(tmp_path / "ral")
-    results = ral.main([f"--out_dir={out}", "--rl_steps=2", "--ckpt_every=1", *SMALL])
+    results = ral.main([f"--out_dir={out}", "--rl_steps=2", "--ckpt_every=1", *SMALL], reward_fn=spread_reward)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values())
         assert 0 <= r["attn_visual"] <= 1 and 0 <= r["attn_target"] <= r["attn_visual"]
     assert rows[1]["attn_jsd"] > 0                          # the policy moved away from the rollout's attention
-    warm, = tmp_path.glob("warm-tiny4x128-search16-think-sft0-s0")
+    warm, = tmp_path.glob("warm-tiny4x128-think-sft0-s0-*")
     start, end = params_of(str(warm)), params_of(os.path.join(out, "ckpt"))
     changed = [k for k in start if not torch.equal(start[k], end[k])]
     assert changed and all("visual" not in k for k in changed)   # the LLM trained, the vision tower did not
@@ -49,39 +44,56 @@ def test_end_to_end_run(tmp_path, monkeypatch):
 def make_rollout(model, cfg, seed=0):
     torch.manual_seed(seed)
     prompts = data.search_task(2, seed=seed, tokens=16)
-    return ral.rollout(model, None, build_tiny()[1], prompts, cfg, "think", 0, 0, "cpu")[0]
+    return ral.rollout(model, None, build_tiny()[1], prompts, cfg, "think", 0, 0, "cpu", spread_reward)[0]
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2])
-def test_ral_equals_grpo_only_with_one_step_per_rollout(monkeypatch, mini_batches):
-    """The attention term's gradient is zero while the weights equal the rollout weights (PAPER.md, section 3.4):
+def test_ral_equals_grpo_only_with_one_step_per_rollout(mini_batches):
+    """The attention term's gradient is zero while the weights equal the rollout weights (docs/METHOD.md, section 3.4):
     with one optimizer step per rollout RAL == GRPO; with two, the second step sees a non-zero attention gradient."""
-    monkeypatch.setattr(data, "reward", spread_reward)
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.0, mini_batches=mini_batches, lambda_attn=5.0)
+    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.0, mini_batches=mini_batches)
     model, _ = build_tiny(seed=1)
-    pieces = make_rollout(model, cfg)
-    assert any(p["adv"].abs().sum() > 0 for p in pieces)
+    micro_batches = make_rollout(model, cfg)
+    assert any(mb["adv"].abs().sum() > 0 for mb in micro_batches)
     final = {}
-    for algo in ("grpo", "ral"):
+    for algo, lambda_attn in (("grpo", 0.0), ("ral", 5.0)):
         m = copy.deepcopy(model)
         m.train()
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
-        ral.update(m, opt, pieces, dict(cfg, algo=algo), world=1)
-        final[algo] = torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
-    moved = (final["grpo"] - torch.cat([p.flatten() for p in model.parameters() if p.requires_grad])).abs().max()
+        opt = torch.optim.SGD([w for w in m.parameters() if w.requires_grad], lr=0.5)
+        ral.update(m, opt, micro_batches, ral.rl_loss(0.2, 0.0, lambda_attn), mini_batches, 1, 1.0, world=1)
+        final[algo] = torch.cat([w.detach().flatten() for w in m.parameters() if w.requires_grad])
+    moved = (final["grpo"] - torch.cat([w.flatten() for w in model.parameters() if w.requires_grad])).abs().max()
     gap = (final["ral"] - final["grpo"]).abs().max()
     assert moved > 1e-3
     # measured: 4e-7 x moved with one step (float rounding of p vs p_old), 3e-4 x moved with two
     assert (gap < 1e-5 * moved) if mini_batches == 1 else (gap > 1e-5 * moved)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "reward", spread_reward)
+@pytest.mark.parametrize("mini_batches", [1, 2, 3, 4])
+def test_every_mini_batch_count_trains_one_record_per_step(mini_batches):
+    """Every M from 1 to G splits each group into M slices (sizes differ by at most one): each sequence is in
+    exactly one mini-batch, every mini-batch trains, and update returns one record per optimizer step."""
+    slices = ral.mini_batch_slices(4, mini_batches)
+    assert len(slices) == mini_batches and [i for a, b in slices for i in range(a, b)] == [0, 1, 2, 3]
+    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=mini_batches, micro_batch=1)
+    model, _ = build_tiny(seed=1)
+    micro_batches = make_rollout(model, cfg)
+    model.train()
+    opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.1)
+    records = ral.update(model, opt, micro_batches, ral.rl_loss(0.2, 0.04, 1.0), mini_batches, 2, 1.0, world=1)
+    assert len(records) == 2 * mini_batches and all(r["opt_steps"] == 1 and r["grad_norm"] > 0 for r in records)
+    rollout_tokens = sum(mb["mask"].sum().item() for mb in micro_batches)
+    assert sum(r["update_tokens"] for r in records) == 2 * rollout_tokens     # every token, once per epoch
+    with pytest.raises(ral.UsageError):
+        ral.configure(["--group_size=4", f"--mini_batches={5}"])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
     common = [*SMALL, "--rl_steps=4", "--ckpt_every=2", f"--warm_dir={tmp_path / 'warm'}"]
-    ral.main([f"--out_dir={tmp_path / 'whole'}", *common])
+    ral.main([f"--out_dir={tmp_path / 'whole'}", *common], reward_fn=spread_reward)
     ral.main([f"--out_dir={tmp_path / 'split'}", *common[:-3], "--rl_steps=2", "--ckpt_every=2",
-              f"--warm_dir={tmp_path / 'warm'}"])
-    ral.main([f"--out_dir={tmp_path / 'split'}", *common, "--resume=True"])
+              f"--warm_dir={tmp_path / 'warm'}"], reward_fn=spread_reward)
+    ral.main([f"--out_dir={tmp_path / 'split'}", *common, "--resume=True"], reward_fn=spread_reward)
     a, b = params_of(str(tmp_path / "whole" / "ckpt")), params_of(str(tmp_path / "split" / "ckpt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
@@ -90,9 +102,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
 
 WRAPPER = """
 import os, sys, torch
-sys.path.insert(0, {root!r})
-import data, ral
-data.reward = lambda text, sample, mode="think": dict(reward=(len(text) % 3) / 2, accuracy=0.0, format=0.0)
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import ral
+from helpers import spread_reward
 update = ral.update
 def checked_update(model, *args, **kwargs):
     stats = update(model, *args, **kwargs)
@@ -101,7 +113,7 @@ def checked_update(model, *args, **kwargs):
         f.write(repr(flat.double().sum().item()) + " " + repr(flat.abs().double().sum().item()) + "\\n")
     return stats
 ral.update = checked_update
-ral.main(sys.argv[1:])
+ral.main(sys.argv[1:], reward_fn=spread_reward)
 """
 
 
@@ -130,10 +142,9 @@ def test_torchrun_two_ranks_match_one(tmp_path):
     assert moved > 1e-4 and max(diffs) < 1e-3 * moved
 
 
-def test_data_set_files_replace_the_offline_tasks(tmp_path, monkeypatch):
+def test_data_set_files_replace_the_offline_tasks(tmp_path):
     """SFT on a file with rationales, RL on a file of prompts, evaluation on a held-out file (Video-R1 layout),
     mixing images and a video."""
-    monkeypatch.setattr(data, "reward", spread_reward)
     for i, s in enumerate(data.search_task(4, seed=5, tokens=16)):
         s["image"].save(tmp_path / f"{i}.png")
     video = data.video_task(1, frames=2, folder=str(tmp_path))[0]["video"]
@@ -147,7 +158,7 @@ def test_data_set_files_replace_the_offline_tasks(tmp_path, monkeypatch):
     out = tmp_path / "run"
     results = ral.main([f"--out_dir={out}", f"--sft_file={path}", f"--train_file={path}", f"--eval_file={path}",
                         "--sft_steps=2", "--sft_batch=4", "--rl_steps=2", "--prompts_per_step=2", "--group_size=2",
-                        "--mini_batches=2", "--max_new_tokens=4", "--eval_n=3"])
+                        "--mini_batches=2", "--max_new_tokens=4", "--eval_n=3"], reward_fn=spread_reward)
     assert results["after_rl"]["n"] == 3
-    assert len(list(tmp_path.glob("warm-tiny4x128-set.jsonl-think-sft2-s0"))) == 1
+    assert len(list(tmp_path.glob("warm-tiny4x128-think-sft2-s0-*"))) == 1
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]

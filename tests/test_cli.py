@@ -1,0 +1,130 @@
+"""The command line: every user mistake is one line on stderr and exit status 2 with nothing written to out_dir,
+--help lists every option, the warm start is named by its whole recipe, and --wandb_log=True logs every step."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+import distill
+import ral
+from helpers import spread_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--sft_steps=0", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=6", "--eval_n=2",
+         "--train_size=8"]
+
+
+def mistakes(tmp):
+    """argv -> the words the error line must contain."""
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    return {
+        ("--sft_lrr=1",): "unknown option --sft_lrr (did you mean --sft_lr?)",
+        ("--rl_steps=abc",): "--rl_steps: expected int, got 'abc'",
+        ("--zero=1",): "--zero: expected bool",
+        ("rl_steps=3",): "options take two dashes: --rl_steps=3",
+        ("config/nope.py",): "config file not found: config/nope.py",
+        ("--train_file=missing.jsonl",): "--train_file: no such file: missing.jsonl",
+        (f"--train_file={empty}",): f"{empty}: no records",
+        ("--resume=True",): "--resume=True but there is no checkpoint",
+        (f"--out_dir={a_file}/run",): "--out_dir: cannot write to",
+        ("--mini_batches=9",): "--mini_batches must be between 1 and group_size=8",
+        ("--init_from=./no/such/folder",): "--init_from: no such folder: ./no/such/folder",
+        ("--task=audio",): "--task must be search or video",
+        ("--rl_steps",): "--rl_steps needs a value",
+    }
+
+
+def test_every_mistake_is_one_line_and_exit_2(tmp_path, capsys):
+    for argv, words in mistakes(tmp_path).items():
+        out = tmp_path / "out"
+        args = list(argv) if any(a.startswith("--out_dir") for a in argv) else [f"--out_dir={out}", *argv]
+        with pytest.raises(SystemExit) as stop:
+            ral.cli(ral.main, args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, argv
+        assert err.count("\n") == 1 and words in err, (argv, err)
+        assert not out.exists(), argv                      # nothing written before the configuration is valid
+
+
+def test_a_mistake_in_a_real_process_has_no_traceback():
+    for script, argv in (("ral.py", ["rl_steps=3"]), ("distill.py", ["--gamma=1"]),
+                         ("eval.py", ["--ckpt", "./no/such/run"]), ("eval.py", ["--suite", "serch-64"])):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, (script, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, (script, proc.stderr)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    for module in (ral, distill):
+        with pytest.raises(SystemExit) as stop:
+            module.main(["--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        for key, (default, meaning) in module.OPTIONS.items():
+            assert f"--{key}={default!r}" in text and meaning in text, key
+
+
+def test_grpo_means_no_attention_term():
+    assert ral.configure(["--algo=grpo", "--lambda_attn=5"])["lambda_attn"] == 0.0
+    assert ral.configure(["--lambda_attn=5"])["lambda_attn"] == 5.0
+
+
+def test_config_file_then_overrides(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("rl_steps = 7\nlr = 1\n")
+    cfg = ral.configure([str(preset), "--rl_steps=9"])
+    assert cfg["rl_steps"] == 9 and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+    preset.write_text("rl_stepz = 7\n")
+    with pytest.raises(ral.UsageError, match="did you mean --rl_steps"):
+        ral.configure([str(preset)])
+
+
+def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
+    def path(*argv):
+        cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *argv])
+        return ral.warm_path(cfg, ral.warm_recipe(cfg))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "sft.json").write_text("[1]")
+    (tmp_path / "b" / "sft.json").write_text("[2]")
+    base = path()
+    assert path() == base and path("--lr=1e-3", "--rl_steps=3") == base       # RL options do not matter
+    assert path("--sft_lr=1e-3") != base and path("--sft_batch=8") != base and path("--train_size=64") != base
+    a, b = path(f"--sft_file={tmp_path / 'a' / 'sft.json'}"), path(f"--sft_file={tmp_path / 'b' / 'sft.json'}")
+    assert a != b                                                            # same base name, other content
+    assert os.path.dirname(base) == str(tmp_path)
+
+
+def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
+    cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL])
+    first = ral.warm_start(cfg, [], "think", "cpu", 0, 1)
+    assert "warm start saved" in capsys.readouterr().out
+    assert ral.warm_start(cfg, [], "think", "cpu", 0, 1) == first
+    said = capsys.readouterr().out
+    assert f"reusing the warm start {first}: same recipe" in said and "sft_lr=0.002" in said
+    other = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL, "--sft_lr=0.1", f"--warm_dir={first}"])
+    with pytest.raises(ral.UsageError, match=r"another recipe \(differs in \['sft_lr'\]\)"):
+        ral.warm_start(other, [], "think", "cpu", 0, 1)
+
+
+def test_wandb_logs_every_step_when_asked(tmp_path, monkeypatch):
+    logged = []
+
+    class Run:
+        def log(self, row, step):
+            logged.append((step, row))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = types.SimpleNamespace(init=lambda **kw: logged.append(kw["config"]["rl_steps"]) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    ral.main([f"--out_dir={tmp_path / 'run'}", "--rl_steps=2", "--wandb_log=True", *SMALL], reward_fn=spread_reward)
+    steps = [entry[0] for entry in logged if isinstance(entry, tuple) and "reward" in entry[1]]
+    assert logged[0] == 2 and steps == [1, 2] and logged[-1] == "finished"
+    assert any(isinstance(e, tuple) and "eval/after_rl/accuracy" in e[1] for e in logged)
