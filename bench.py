@@ -5,6 +5,7 @@ the tables report medians and paired ratios (CPU timings on a shared machine are
     python bench.py                                   # both benchmarks at the default sizes
     python bench.py --what capture --seq 256,1024 --repeats 5 --sizes 4x128x4,8x512x8
     python bench.py --what step --step-size 8x512x8
+    python bench.py --what memory                     # training state per GPU: Qwen2.5-VL 3B/7B/32B, DDP vs FSDP
 
 capture: forward + backward of one batch of random text (B x T, the last R rows are "the response") under
     sdpa     plain SDPA, loss on the response log-probs (what GRPO needs)
@@ -14,6 +15,8 @@ capture: forward + backward of one batch of random text (B x T, the last R rows 
   reporting the step time, the activation memory saved for backward (exact: the bytes of every tensor autograd
   keeps, counted once per storage, parameters excluded) and, in a fresh process per cell, the peak RSS growth.
 step: one GRPO step against one RAL step (ral.rollout + ral.update) on the offline search task, per phase.
+memory: per-GPU bytes of the training state (fp32 master weights, gradients, AdamW, bf16 reference) of the real
+    Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs.
 Results go to a markdown table on stdout and to bench.json.
 
 Threads: the default is one torch thread. On a machine shared with other jobs, torch's default (one thread per
@@ -30,10 +33,11 @@ import sys
 import time
 
 import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import data
 import ral
-from model import build_tiny, policy_forward
+from model import build_tiny, policy_forward, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
@@ -188,6 +192,32 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     return out
 
 
+# The released checkpoints' config.json values (text and vision tower) that set the parameter count.
+QWEN25_VL = {
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def bench_memory(gpus):
+    rows = []
+    for name, text in QWEN25_VL.items():
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model.model.visual.requires_grad_(False)          # frozen, as model.prepare does
+        params = sum(w.numel() for w in model.parameters())
+        for mode in ("DDP", "FSDP"):
+            m = training_memory(model, gpus, fsdp=mode == "FSDP")
+            rows.append(dict(model=f"Qwen2.5-VL-{name}", params=params, mode=mode, gpus=gpus, **m))
+    return rows
+
+
 def mib(n):
     return f"{n / 2 ** 20:.1f}"
 
@@ -210,11 +240,22 @@ def print_tables(results):
         print("| phase | GRPO s | RAL s | RAL / GRPO |\n|---|---|---|---|")
         for phase, p in s["phases"].items():
             print(f"| {phase} | {p['grpo_s']:.3f} | {p['ral_s']:.3f} | {p['ral_vs_grpo']:.2f} |")
+    if "memory" in results:
+        print("\n### Training state per GPU, before activations (GB = 1e9 bytes): fp32 master weights + fp32 "
+              "gradients + AdamW (fp32) + bf16 frozen vision tower + bf16 reference model\n")
+        print("| model | parameters | mode | GPUs | weights | gradients | AdamW | reference | total | state under 80 GB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in results["memory"]:
+            gb = lambda k: f"{r[k] / 1e9:.1f}"
+            print(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['gpus']} | {gb('weights')} | "
+                  f"{gb('gradients')} | {gb('optimizer')} | {gb('reference')} | {gb('total')} | "
+                  f"{'yes' if r['total'] < 80e9 else 'no'} |")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--what", default="capture,step", help="capture, step, or both (comma-separated)")
+    ap.add_argument("--what", default="capture,step,memory", help="capture, step, memory (comma-separated)")
+    ap.add_argument("--gpus", type=int, default=8, help="devices for the memory table")
     ap.add_argument("--seq", default="256,1024", help="total sequence lengths T for the capture benchmark")
     ap.add_argument("--sizes", default="4x128x4,8x512x8", help="tiny models as layers x hidden x heads")
     ap.add_argument("--batch", type=int, default=2)
@@ -241,6 +282,8 @@ def main(argv=None):
                                            args.rows, args.repeats, args.rss)
     if "step" in what:
         results["step"] = bench_step(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats)
+    if "memory" in what:
+        results["memory"] = bench_memory(args.gpus)
     results["env"]["load_avg_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.out:

@@ -60,7 +60,8 @@ def check_source(name_or_path):
 
 
 def load(name_or_path, device="cpu", dtype=None):
-    """A Qwen2.5-VL checkpoint (hub id or folder): bf16 on GPU, fp32 on CPU, capture kernel on, vision frozen."""
+    """A Qwen2.5-VL checkpoint (hub id or folder), capture kernel on, vision frozen. dtype None: bf16 on GPU, fp32
+    on CPU (frozen models: reference, teacher, evaluation); the trainer asks for float32 master weights."""
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
     return prepare(model.to(device)), load_processor(name_or_path)
@@ -119,6 +120,20 @@ def prepare(model):
     return model
 
 
+def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
+    """Per-device bytes of the training state, before activations: trainable weights (fp32 master weights: 4
+    bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower (bf16), and the bf16
+    reference model. FSDP shards all of it over `world` devices; DDP keeps a full copy on each (its gradient
+    buckets are views of the gradients: gradient_as_bucket_view). Works on a meta-device model (no weights)."""
+    trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)
+    frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
+    share = world if fsdp else 1
+    rows = dict(weights=trainable * weight_bytes + frozen * 2, gradients=trainable * weight_bytes,
+                optimizer=trainable * 8, reference=(trainable + frozen) * 2 if reference else 0)
+    rows = {k: v / share for k, v in rows.items()}
+    return dict(rows, total=sum(rows.values()))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The attention-policy capture (Eq. 2)
 
@@ -143,7 +158,8 @@ def attention_policy(query, key, attention_mask, rows, scaling):
     if attention_mask is not None:
         m = attention_mask[:, 0, T - rows:]
         allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
-    alpha = HeadMeanSoftmax.apply(query[:, :, T - rows:].float(), key.float(), allowed, scaling)  # eager, head mean
+    with torch.autocast(query.device.type, enabled=False):   # p is always float32, even under bf16 autocast
+        alpha = HeadMeanSoftmax.apply(query[:, :, T - rows:].float(), key.float(), allowed, scaling)  # head mean
     alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=query.device), 0.0)  # drop the weight on itself
     return alpha / alpha.sum(-1, keepdim=True)                                  # renormalize over keys < t
 

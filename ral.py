@@ -26,7 +26,7 @@ import data
 import eval as evaluation
 from cli import UsageError, cli, parse
 from model import append_responses, build_tiny, check_source, generate, load, policy_forward, take_rows, \
-    to_device, with_responses
+    to_device, training_memory, with_responses
 
 # ----------------------------------------------------------------------------------------------------------------
 # The objective (docs/METHOD.md, Eq. 1-4 and 8)
@@ -121,8 +121,10 @@ OPTIONS = dict(   # name: (default, meaning)
     log_samples=(2, "responses per step written to samples.jsonl"),
     seed=(0, "seed of the tiny model, the tasks, SFT order and every rollout"),
     device=("auto", "'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cpu', 'cuda:0', ..."),
-    dtype=("auto", "weights' dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'float32', 'bfloat16'; GPU forwards "
-                   "also autocast to bf16"),
+    dtype=("float32", "trainable weights and optimizer state: 'float32' (master weights) or 'bfloat16' (pure "
+                      "bf16: small updates round away)"),
+    compute_dtype=("auto", "forward/backward compute: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bfloat16' (autocast"
+                           " on CPU too), 'float32'; the attention policy is always float32"),
     grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
     resume=(False, "continue exactly from out_dir/ckpt (it must exist)"),
     wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
@@ -155,7 +157,9 @@ def check(cfg):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "train_size", "beta", "lambda_attn"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
-    need(cfg["dtype"] in ("auto", "float32", "bfloat16", "float16"), f"--dtype: unknown dtype {cfg['dtype']!r}")
+    need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
+    need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
+         f"--compute_dtype must be auto, float32 or bfloat16, got {cfg['compute_dtype']!r}")
     for key in ("sft_file", "train_file", "eval_file"):
         need(not cfg[key] or os.path.isfile(cfg[key]), f"--{key}: no such file: {cfg[key]}")
     if cfg["init_from"] != "tiny":
@@ -202,7 +206,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
         targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                    for s in chosen]
         full, mask = append_responses(to_device(batch, device), targets, tok.pad_token_id)
-        logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
+        with compute(cfg, device):
+            logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
         mask = mask.to(logp.device)
         loss = masked_sum(-logp, mask) / mask.sum()
         opt.zero_grad(set_to_none=True)
@@ -380,6 +385,19 @@ def recover_checkpoint(path):
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer, as plain steps: configure, setup_distributed, load_samples, warm_start, train. main runs them.
 
+def compute(cfg, device):
+    """The autocast context of every forward and backward: bf16 compute over fp32 master weights on GPU."""
+    dtype = cfg["compute_dtype"] if cfg["compute_dtype"] != "auto" else \
+        "bfloat16" if device.startswith("cuda") else "float32"
+    return torch.autocast(device.split(":")[0], torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+def memory_report(model, world, fsdp=False, reference=True):
+    m = training_memory(model, world, fsdp, next(model.parameters()).element_size(), reference)
+    return f"training state per device ({'FSDP' if fsdp else 'DDP' if world > 1 else 'one process'}, " \
+           f"{world} device(s)): " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in m.items())
+
+
 def setup_distributed(cfg):
     """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPU. Otherwise a single process."""
     ddp = "RANK" in os.environ
@@ -425,7 +443,8 @@ def load_samples(cfg):
 
 # Every option that changes what SFT produces; with the data file's content, they name the warm start.
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "train_size",
-             "sft_file", "sft_steps", "sft_batch", "sft_lr", "weight_decay", "grad_clip", "seed", "dtype")
+             "sft_file", "sft_steps", "sft_batch", "sft_lr", "weight_decay", "grad_clip", "seed", "dtype",
+             "compute_dtype")
 
 
 def warm_recipe(cfg):
@@ -465,7 +484,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
         model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
         model.to(device)
     else:
-        model, processor = load(cfg["init_from"], device)
+        model, processor = load(cfg["init_from"], device, getattr(torch, cfg["dtype"]))
     if cfg["sft_steps"]:
         sft(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, processor,
             sft_samples, cfg, mode, device, rank, world)
@@ -488,15 +507,17 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         evaluation.write_json(cfg, os.path.join(out, "run_config.json"))
     t_start = time.time()
     torch.manual_seed(cfg["seed"] + rank)
-    dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])
-    model, processor = load(recover_checkpoint(ckpt) if cfg["resume"] else start, device, dtype)
-    ref_model = load(start, device, dtype)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    autocast = compute(cfg, device)
+    model, processor = load(recover_checkpoint(ckpt) if cfg["resume"] else start, device, getattr(torch, cfg["dtype"]))
+    ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
+    if rank == 0:
+        print(memory_report(model, world, reference=ref_model is not None))
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
     optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg["weight_decay"])
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    train_model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 \
+        else model
     step, results = 0, {}
     if cfg["resume"]:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)

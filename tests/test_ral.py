@@ -100,6 +100,19 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+def test_an_interrupted_checkpoint_swap_is_recovered(tmp_path):
+    """A kill between save_checkpoint's two renames leaves ckpt.old and a complete ckpt.tmp and no ckpt/; resume
+    must find the newest complete one instead of starting over."""
+    model, processor = build_tiny(layers=1, hidden=64)
+    ckpt = str(tmp_path / "ckpt")
+    ral.save_checkpoint(ckpt, model, processor, None, dict(step=1))
+    ral.save_checkpoint(ckpt + ".tmp", model, processor, None, dict(step=2))
+    os.replace(ckpt, ckpt + ".old")                                  # the state right after the first rename
+    assert ral.recover_checkpoint(ckpt) == ckpt
+    assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 2
+    assert not os.path.exists(ckpt + ".tmp")
+
+
 WRAPPER = """
 import os, sys, torch
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
