@@ -58,7 +58,11 @@ def reverse_kl(logprobs, teacher_logprobs):
     V = min(logprobs.shape[-1], teacher_logprobs.shape[-1])
     if logprobs.shape[-1] != teacher_logprobs.shape[-1]:
         logprobs, teacher_logprobs = logprobs[..., :V].log_softmax(-1), teacher_logprobs[..., :V].log_softmax(-1)
-    return (logprobs.exp() * (logprobs - teacher_logprobs)).sum(-1)
+    # tokens the student never samples (log-prob -inf: the suppressed vision tokens) add exactly 0, and are kept
+    # out of both branches, so neither the value nor the gradient sees -inf - -inf
+    keep = logprobs > -float("inf")
+    s, t = torch.where(keep, logprobs, 0.0), torch.where(keep, teacher_logprobs, 0.0)
+    return torch.where(keep, s.exp() * (s - t), 0.0).sum(-1)
 
 
 @torch.no_grad()
@@ -69,12 +73,13 @@ def teacher_forward(teacher, mb, device):
     return logprobs.to(device, torch.float32), p.to(device, torch.float32)
 
 
-def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn):
+def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn, temperature=1.0):
     """Eq. 6 as ral.update's `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`. Each term is summed over
     response tokens and divided by the step's global token count, like Eq. 4's. The attention term has no
     advantage and no p_old: its gradient is non-zero from the first step, unlike RAL's."""
     def loss_fn(model, mb, n_tokens):
-        logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=True, full=True)
+        logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=True, full=True,
+                                           temperature=temperature)
         loss, stats = ral.rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)   # L_RL (GRPO or RAL)
         t_logprobs, t_p = teacher_forward(teacher, mb, logp.device)
         m = mb["mask"]
@@ -158,7 +163,8 @@ def main(argv, reward_fn=data.reward):
     if rank == 0:
         print(f"teacher {teacher_path} ({teacher.config.text_config.num_hidden_layers} layers) -> student {start}")
     name = ("kd+attn" if cfg["gamma_attn"] > 0 else "kd") + ("-zero" if cfg["zero"] else "")
-    loss_fn = distill_loss(teacher, cfg["mu"], cfg["gamma_attn"], cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"])
+    loss_fn = distill_loss(teacher, cfg["mu"], cfg["gamma_attn"], cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"],
+                           cfg["temperature"])
     return ral.train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, STATS,
                      reward_fn)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, PreTrainedTokenizerFast,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
+                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -234,13 +234,21 @@ def with_responses(batch, response, response_mask):
     return full
 
 
-def policy_forward(model, batch, response_len, attention=True, full=False):
+def suppressed_tokens(config):
+    """The vision special tokens: a random model samples them, so they are kept out of generation, and the
+    log-probs of the sampled distribution leave them out the same way."""
+    return [config.vision_start_token_id, config.vision_end_token_id, config.image_token_id, config.video_token_id]
+
+
+def policy_forward(model, batch, response_len, attention=True, full=False, temperature=1.0):
     """One forward over prompt + response (left-padded prompts, response in the last `response_len` columns).
-    Returns per-token log-probs of the response tokens (B x R) and, if asked, the attention policy (B x R x T);
-    with full=True also the whole log-softmax over the vocabulary at each response position (B x R x V)."""
+    Returns per-token log-probs of the response tokens (B x R) under the distribution generate samples from
+    (softmax(logits / temperature), vision special tokens excluded) and, if asked, the attention policy
+    (B x R x T); with full=True also the whole log-softmax over the vocabulary at each response position (B x R x V)."""
     capture = dict(rows=response_len) if attention else None
     out = model(**batch, capture=capture, logits_to_keep=response_len + 1, use_cache=False)
-    logits = out.logits[:, :-1].float()                        # position t-1 predicts token t
+    logits = out.logits[:, :-1].float() / temperature          # position t-1 predicts token t
+    logits[..., suppressed_tokens(model.config)] = float("-inf")
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
@@ -248,15 +256,25 @@ def policy_forward(model, batch, response_len, attention=True, full=False):
     return (logp, p, logprobs) if full else (logp, p)
 
 
+def sampling_config(model, max_new_tokens, temperature=1.0, greedy=False):
+    """Every setting generate uses, explicitly: plain sampling from softmax(logits / temperature) (or greedy), no
+    repetition penalty, no top-k/top-p/min-p. The checkpoint's own generation_config (Qwen2.5-VL Instruct ships a
+    repetition penalty, top-k and top-p) would otherwise fill what is left unset, and the rollout would not be
+    drawn from the distribution whose log-probs the loss's ratio uses."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
+        top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, renormalize_logits=False,
+        suppress_tokens=suppressed_tokens(model.config), begin_suppress_tokens=[], bad_words_ids=None,
+        eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+
+
 @torch.no_grad()
 def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False):
-    """KV-cache generation (the capture is off: no capture dict is passed). Returns response ids B x R, padded
-    after the first <|im_end|>, and the response mask (ones up to and including it)."""
+    """KV-cache generation (the capture is off: no capture dict is passed) with sampling_config. Returns response
+    ids B x R, padded after the first <|im_end|>, and the response mask (ones up to and including it)."""
     tok = processor.tokenizer
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                         temperature=temperature if not greedy else None, top_p=None, top_k=None,
-                         suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS),  # a random model samples them
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens, temperature, greedy))
     response = out[:, batch["input_ids"].shape[1]:]
     ended = (response == tok.eos_token_id).long().cumsum(1)
     mask = (ended == 0) | ((ended == 1) & (response == tok.eos_token_id))

@@ -105,7 +105,8 @@ OPTIONS = dict(   # name: (default, meaning)
     prompts_per_step=(8, "prompts per RL step over all ranks (each gets group_size responses)"),
     group_size=(8, "G: responses per prompt (Eq. 8 normalizes within a group)"),
     max_new_tokens=(48, "longest response, in tokens"),
-    temperature=(1.0, "rollout sampling temperature"),
+    temperature=(1.0, "rollout sampling temperature: plain sampling from softmax(logits / T), and the loss's "
+                      "log-probs use the same T"),
     lr=(5e-5, "RL learning rate (AdamW)"),
     weight_decay=(0.0, "AdamW weight decay (SFT and RL)"),
     grad_clip=(1.0, "gradient-norm clip (SFT and RL)"),
@@ -256,8 +257,9 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
             for i in range(first, last, cfg["micro_batch"] or last - first):
                 j = min(i + (cfg["micro_batch"] or last - first), last)
                 rows = take_rows(full, i, j)
-                logp, p = policy_forward(model, rows, R)
-                ref_logp = policy_forward(ref_model, rows, R, attention=False)[0] if ref_model is not None else logp
+                logp, p = policy_forward(model, rows, R, temperature=cfg["temperature"])   # the sampled distribution
+                ref_logp = policy_forward(ref_model, rows, R, attention=False, temperature=cfg["temperature"])[0] \
+                    if ref_model is not None else logp
                 mask = response_mask[i:j].float()
                 micro_batches.append(dict(batch=rows, response_len=R, mask=mask, adv=adv[i:j], old_logp=logp,
                                           old_p=p, ref_logp=ref_logp, mini_batch=mb))
@@ -290,11 +292,13 @@ def rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn):
     return loss, stats
 
 
-def rl_loss(clip_eps, beta, lambda_attn):
+def rl_loss(clip_eps, beta, lambda_attn, temperature=1.0):
     """Eq. 4 as `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`: the per-micro-batch objective that
-    update minimizes (distill.py builds Eq. 6 the same way)."""
+    update minimizes (distill.py builds Eq. 6 the same way). Log-probs at the rollout's sampling temperature, so
+    the ratio compares the same distributions."""
     def loss_fn(model, mb, n_tokens):
-        logp, p = policy_forward(model, mb["batch"], mb["response_len"], attention=lambda_attn > 0)
+        logp, p = policy_forward(model, mb["batch"], mb["response_len"], attention=lambda_attn > 0,
+                                 temperature=temperature)
         return rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)
     return loss_fn
 
@@ -612,7 +616,8 @@ def main(argv, reward_fn=data.reward):
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
-                 rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"]), name, reward_fn=reward_fn)
+                 rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"]), name,
+                 reward_fn=reward_fn)
 
 
 if __name__ == "__main__":

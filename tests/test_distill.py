@@ -178,3 +178,15 @@ def test_run_logs_checkpoints_and_resumes(tmp_path):
 def saved_params(run):
     from model import load
     return {k: v.clone() for k, v in load(str(run / "ckpt"))[0].state_dict().items()}
+
+
+def test_reverse_kl_over_suppressed_tokens_is_finite():
+    """The suppressed vision tokens have log-prob -inf for student and teacher: they add 0, value and gradient."""
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    masked = logits.masked_fill(torch.arange(7) == 5, float("-inf"))
+    s, t = masked.log_softmax(-1), torch.randn(2, 3, 7).masked_fill(torch.arange(7) == 5, float("-inf")).log_softmax(-1)
+    kl = distill.reverse_kl(s, t)
+    expected = distill.reverse_kl(s[..., [0, 1, 2, 3, 4, 6]], t[..., [0, 1, 2, 3, 4, 6]])
+    assert torch.allclose(kl, expected, atol=1e-6)
+    kl.sum().backward()
+    assert torch.isfinite(logits.grad).all()
