@@ -248,7 +248,7 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     capture = dict(rows=response_len) if attention else None
     out = model(**batch, capture=capture, logits_to_keep=response_len + 1, use_cache=False)
     logits = out.logits[:, :-1].float() / temperature          # position t-1 predicts token t
-    logits[..., suppressed_tokens(model.config)] = float("-inf")
+    logits[..., suppressed_tokens(getattr(model, "module", model).config)] = float("-inf")   # DDP wraps the model
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)

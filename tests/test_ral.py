@@ -141,7 +141,7 @@ def test_torchrun_two_ranks_match_one(tmp_path):
         script.write_text(WRAPPER.format(root=ROOT, out=str(out)))
         args = [f"--out_dir={out}", "--rl_steps=2", "--eval_n=2", f"--warm_dir={tmp_path / 'warm'}",
                 *[a for a in SMALL if not a.startswith("--eval_n")]]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"] \
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
             if world == 2 else [sys.executable]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(launcher + [str(script)] + args, capture_output=True, text=True, env=env, timeout=600)
