@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
@@ -148,16 +149,19 @@ def chance_grounding(visual_mask, target_mask):
 
 
 def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tokens=64, responder=None,
-             progress=True, desc="eval", reward_fn=data.reward):
+             progress=True, desc="eval", reward_fn=data.reward, rank=0, world=1):
     """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
     `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer); reward_fn scores.
+    Under torchrun (world > 1) each rank scores samples[rank::world] and the per-sample results are gathered, so
+    every rank returns what one process would, and none idles.
     grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
     acc, fmt, ground, chance = [], [], [], []
     training = model is not None and model.training
     if model is not None:
         model.eval()
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = samples[i:i + batch_size]
+    order = list(range(rank, len(samples), world))
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress or rank != 0, leave=False):
+        chunk = [samples[k] for k in order[i:i + batch_size]]
         if responder is not None:
             texts = list(responder(chunk))
         else:
@@ -171,6 +175,12 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
             fmt.append(float(r["format"]))
     if training:  # the trainer calls this mid-run: hand the model back as it came
         model.train()
+    if world > 1:   # every rank's per-sample results, back in sample order
+        mine = list(zip(order, acc, fmt, ground or [None] * len(order), chance or [None] * len(order)))
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        rows = sorted(row for share in shares for row in share)
+        acc, fmt, ground, chance = ([row[c] for row in rows] for c in (1, 2, 3, 4))
     n = len(acc)
     mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None
     return dict(n=n, accuracy=sum(acc) / max(n, 1), accuracy_ci=wilson(sum(acc), n),

@@ -14,9 +14,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
-                          PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+                          LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -226,6 +228,19 @@ def append_responses(batch, responses, pad_id):
     return with_responses(batch, ids.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)), mask
 
 
+def concat_batches(batches, pad_id):
+    """Prompt batches (each left-padded) as one: padded on the left to the longest, visual tensors in order."""
+    P = max(b["input_ids"].shape[1] for b in batches)
+    fill = dict(input_ids=pad_id, attention_mask=0, mm_token_type_ids=0)
+    out = {}
+    for k in batches[0]:
+        if k in fill:
+            out[k] = torch.cat([F.pad(b[k], (P - b[k].shape[1], 0), value=fill[k]) for b in batches])
+        else:
+            out[k] = torch.cat([b[k] for b in batches])
+    return out
+
+
 def with_responses(batch, response, response_mask):
     full = dict(batch, input_ids=torch.cat([batch["input_ids"], response], 1),
                 attention_mask=torch.cat([batch["attention_mask"], response_mask.to(batch["attention_mask"])], 1))
@@ -256,25 +271,46 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     return (logp, p, logprobs) if full else (logp, p)
 
 
-def sampling_config(model, max_new_tokens, temperature=1.0, greedy=False):
-    """Every setting generate uses, explicitly: plain sampling from softmax(logits / temperature) (or greedy), no
-    repetition penalty, no top-k/top-p/min-p. The checkpoint's own generation_config (Qwen2.5-VL Instruct ships a
-    repetition penalty, top-k and top-p) would otherwise fill what is left unset, and the rollout would not be
-    drawn from the distribution whose log-probs the loss's ratio uses."""
+def sampling_config(model, max_new_tokens):
+    """Every setting generate uses, explicitly: greedy decoding over the scores with nothing else applied but the
+    suppressed tokens (no repetition penalty, no top-k/top-p/min-p); sampling is GumbelSampler's. The checkpoint's
+    own generation_config (Qwen2.5-VL Instruct ships a repetition penalty, top-k and top-p) would otherwise fill
+    what is left unset, and the rollout would not come from the distribution whose log-probs the ratio uses."""
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
-        top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, renormalize_logits=False,
-        suppress_tokens=suppressed_tokens(model.config), begin_suppress_tokens=[], bad_words_ids=None,
-        eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+        max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, num_beams=1, renormalize_logits=False, suppress_tokens=suppressed_tokens(model.config),
+        begin_suppress_tokens=[], bad_words_ids=None, eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id)
+
+
+class GumbelSampler(LogitsProcessor):
+    """Sampling from softmax(scores / T) by the Gumbel-max trick: argmax(scores / T + Gumbel noise) is an exact
+    draw, and greedy decoding takes it. Each row draws its noise from its own generator, so a sequence's sample
+    does not depend on which other sequences share its generate call (batched rollouts = one at a time)."""
+
+    def __init__(self, temperature, generators):
+        self.temperature, self.generators = temperature, generators
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
+        return scores.float() / self.temperature + gumbel.to(scores.device, torch.float32)
 
 
 @torch.no_grad()
-def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False):
-    """KV-cache generation (the capture is off: no capture dict is passed) with sampling_config. Returns response
-    ids B x R, padded after the first <|im_end|>, and the response mask (ones up to and including it)."""
+def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False, seeds=None):
+    """KV-cache generation (the capture is off: no capture dict is passed) with sampling_config: greedy, or
+    samples from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
+    generator). Returns response ids B x R, padded after the first <|im_end|>, and the response mask (ones up to
+    and including it)."""
     tok = processor.tokenizer
-    out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens, temperature, greedy))
+    extra = []
+    if not greedy:
+        seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
+        extra = [GumbelSampler(temperature, [torch.Generator().manual_seed(int(s)) for s in seeds])]
+    out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens),
+                         logits_processor=LogitsProcessorList(extra))
     response = out[:, batch["input_ids"].shape[1]:]
     ended = (response == tok.eos_token_id).long().cumsum(1)
     mask = (ended == 0) | ((ended == 1) & (response == tok.eos_token_id))

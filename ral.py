@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from cli import UsageError, cli, parse
-from model import append_responses, build_tiny, check_source, generate, load, policy_forward, take_rows, \
+from model import append_responses, build_tiny, check_source, concat_batches, generate, load, policy_forward, take_rows, \
     to_device, training_memory, with_responses
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,9 +102,13 @@ OPTIONS = dict(   # name: (default, meaning)
     sft_lr=(2e-3, "SFT peak learning rate (20 warmup steps, then cosine)"),
     warm_dir=("", "where the warm start lives; '' = beside out_dir, named by its recipe"),
     rl_steps=(60, "stage 2: RL steps (one rollout each)"),
+    rl_epochs=(0.0, "if > 0: RL passes over the prompts instead of rl_steps (steps = epochs x prompts / "
+                    "prompts_per_step, rounded up)"),
     prompts_per_step=(8, "prompts per RL step over all ranks (each gets group_size responses)"),
     group_size=(8, "G: responses per prompt (Eq. 8 normalizes within a group)"),
     max_new_tokens=(48, "longest response, in tokens"),
+    generate_batch=(0, "sequences per generate call (whole groups; at least one group), to bound memory; 0 = all "
+                       "of a rank's prompts x group_size in one call"),
     temperature=(1.0, "rollout sampling temperature: plain sampling from softmax(logits / T), and the loss's "
                       "log-probs use the same T"),
     lr=(5e-5, "RL learning rate (AdamW)"),
@@ -156,7 +160,8 @@ def check(cfg):
          f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
     for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
-    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "train_size", "beta", "lambda_attn"):
+    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "beta",
+                "rl_epochs", "lambda_attn"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
@@ -176,6 +181,20 @@ def check(cfg):
          f"--resume=True but there is no checkpoint in {ckpt}")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
+
+
+def epoch_prompts(n, step, per_step, seed):
+    """The prompt indices of one RL step: the file is read in seeded epochs without replacement (epoch e is
+    randperm(n) seeded by (seed, e); step s takes positions s * per_step ... of that sequence). A function of the
+    step alone: the same order for any number of ranks, and after a resume."""
+    orders = {}
+    picked = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch = position // n
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+        picked.append(int(orders[epoch][position % n]))
+    return picked
 
 
 def seed_for(*parts):
@@ -233,26 +252,37 @@ def mini_batch_slices(group_size, mini_batches):
 
 @torch.no_grad()
 def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, device, reward_fn=data.reward):
-    """Per prompt: G responses by KV-cache sampling, rewards (reward_fn(text, sample, mode) -> dict(reward,
-    accuracy, format)), Eq. 8 advantages, then old log-probs and old attention from the training model's own
-    forward and reference log-probs from the frozen initial model. Returns (micro_batches, stats: sums for the
-    log, samples_log, times)."""
+    """G responses per prompt, sampled in batched generate calls (generate_batch sequences each; every sequence
+    seeded by (seed, step, group, index), so the draw does not depend on batching or ranks); rewards (reward_fn(
+    text, sample, mode) -> dict(reward, accuracy, format)) and Eq. 8 advantages; then, group by group, old
+    log-probs and old attention from the training model's own forward and reference log-probs from the frozen
+    initial model. Returns (micro_batches, stats: sums for the log, samples_log, times)."""
     G, tok = cfg["group_size"], processor.tokenizer
+    t0 = time.time()
+    groups = [data.encode([sample] * G, processor, mode) for sample in prompts]
+    groups = [(to_device(batch, device), masks) for batch, masks in groups]
+    per_call = max(1, (cfg["generate_batch"] or G * len(prompts)) // G)      # whole groups per generate call
+    responses = []
+    for first in range(0, len(prompts), per_call):
+        batch = concat_batches([b for b, _ in groups[first:first + per_call]], tok.pad_token_id)
+        seeds = [seed_for(cfg["seed"], step, first_group + k, j)
+                 for k in range(first, min(first + per_call, len(prompts))) for j in range(G)]
+        response, response_mask = generate(model, processor, batch, cfg["max_new_tokens"], cfg["temperature"],
+                                           seeds=seeds)
+        responses += [(response[k * G:(k + 1) * G], response_mask[k * G:(k + 1) * G]) for k in range(len(seeds) // G)]
+    times = dict(generate=time.time() - t0, score=0.0)
     micro_batches, samples_log = [], []
-    stats, times = dict(groups=0, responses=0, no_spread=0.0), dict(generate=0.0, score=0.0)
+    stats = dict(groups=0, responses=0, no_spread=0.0)
     add = lambda **kv: stats.update({k: stats.get(k, 0.0) + v for k, v in kv.items()})
-    for k, sample in enumerate(prompts):
-        t0 = time.time()
-        torch.manual_seed(seed_for(cfg["seed"], step, first_group + k))
-        batch, masks = data.encode([sample] * G, processor, mode)
-        batch = to_device(batch, device)
-        response, response_mask = generate(model, processor, batch, cfg["max_new_tokens"], cfg["temperature"])
+    for sample, (batch, masks), (response, response_mask) in zip(prompts, groups, responses):
+        t1 = time.time()
+        R = int(response_mask.sum(1).max())                  # a group's own longest response
+        response, response_mask = response[:, :R], response_mask[:, :R]
         texts = tok.batch_decode(response, skip_special_tokens=True)
         scores = [reward_fn(t, sample, mode) for t in texts]
         rewards = torch.tensor([s["reward"] for s in scores])
         adv = group_advantages(rewards, G).to(device)
-        t1 = time.time()
-        full, P, R = with_responses(batch, response, response_mask), batch["input_ids"].shape[1], response.shape[1]
+        full, P = with_responses(batch, response, response_mask), batch["input_ids"].shape[1]
         for mb, (first, last) in enumerate(mini_batch_slices(G, cfg["mini_batches"])):
             for i in range(first, last, cfg["micro_batch"] or last - first):
                 j = min(i + (cfg["micro_batch"] or last - first), last)
@@ -274,7 +304,6 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
             no_spread=float(bool((rewards == rewards[0]).all())), response_len=response_mask.sum().item())
         samples_log.append(dict(step=step + 1, question=sample["question"], answer=sample["answer"],
                                 responses=texts[:cfg["log_samples"]], rewards=rewards[:cfg["log_samples"]].tolist()))
-        times["generate"] += t1 - t0
         times["score"] += time.time() - t1
     return micro_batches, stats, samples_log, times
 
@@ -505,6 +534,8 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
           reward_fn=data.reward):
     """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
     (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
+    if cfg["rl_epochs"]:        # passes over the prompts, as the paper's one epoch over 51.2k
+        cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
     out, mode = cfg["out_dir"], "zero" if cfg["zero"] else "think"
     ckpt, metrics_path, samples_path = (os.path.join(out, f) for f in ("ckpt", "metrics.jsonl", "samples.jsonl"))
     if rank == 0:
@@ -539,25 +570,23 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
                          resume="allow")
 
-    def evaluate(tag):
-        if rank == 0 and held_out:
+    def evaluate(tag):   # every rank scores its share of the held-out samples
+        if held_out:
             r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn)
+                                    reward_fn=reward_fn, rank=rank, world=world)
             results[tag] = r
-            print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
+            if rank == 0:
+                print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
             if run is not None:
                 run.log({f"eval/{tag}/accuracy": r["accuracy"]}, step=step)
-        if world > 1:
-            dist.barrier()
 
     if "before_rl" not in results:
         evaluate("before_rl")
     per_rank = cfg["prompts_per_step"] // world
     bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0, initial=step, total=cfg["rl_steps"])
     for step in bar:
-        # this rank's prompts: every rank draws the same global prompts and takes its own share of whole groups
-        g = torch.Generator().manual_seed(seed_for(cfg["seed"], step))
-        idx = torch.randint(len(train_samples), (cfg["prompts_per_step"],), generator=g)
+        # this rank's prompts: every rank computes the same global prompts and takes its own share of whole groups
+        idx = epoch_prompts(len(train_samples), step, cfg["prompts_per_step"], cfg["seed"])
         prompts = [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
         t0 = time.time()
         with autocast:

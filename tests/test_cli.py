@@ -112,7 +112,7 @@ def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
         ral.warm_start(other, [], "think", "cpu", 0, 1)
 
 
-def test_wandb_logs_every_step_when_asked(tmp_path, monkeypatch):
+def test_wandb_logs_every_step_and_rl_epochs_set_the_steps(tmp_path, monkeypatch):
     logged = []
 
     class Run:
@@ -124,7 +124,8 @@ def test_wandb_logs_every_step_when_asked(tmp_path, monkeypatch):
 
     fake = types.SimpleNamespace(init=lambda **kw: logged.append(kw["config"]["rl_steps"]) or Run())
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    ral.main([f"--out_dir={tmp_path / 'run'}", "--rl_steps=2", "--wandb_log=True", *SMALL], reward_fn=spread_reward)
+    # --rl_epochs=0.5 over 8 prompts at 2 per step: 2 steps
+    ral.main([f"--out_dir={tmp_path / 'run'}", "--rl_epochs=0.5", "--wandb_log=True", *SMALL], reward_fn=spread_reward)
     steps = [entry[0] for entry in logged if isinstance(entry, tuple) and "reward" in entry[1]]
     assert logged[0] == 2 and steps == [1, 2] and logged[-1] == "finished"
     assert any(isinstance(e, tuple) and "eval/after_rl/accuracy" in e[1] for e in logged)

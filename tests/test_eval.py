@@ -277,3 +277,44 @@ def test_compare_evaluates_checkpoints_without_eval_json(tiny, tmp_path, capsys)
     assert lines[0] == "| method | seeds | search-16 |" and lines[2].startswith("| grpo | 2 | ")
     saved = [json.load(open(os.path.join(r, "eval.json")))["suites"]["search-16"] for r in runs]
     assert saved[0] == saved[1]  # same weights, greedy decoding: the same result; eval.json cached for next time
+
+
+SHARDED = """
+import json, os, sys, torch
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import eval as ev
+import model as policy
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+model, processor = policy.build_tiny(seed=4)
+r = ev.evaluate(model, processor, ev.suite("search-16", n=7), max_new_tokens=6, batch_size=2, progress=False,
+                rank=dist.get_rank(), world=dist.get_world_size())
+json.dump(r, open(os.path.join({out!r}, "rank%d.json" % dist.get_rank()), "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """2 gloo ranks each score their share (4 and 3 of 7 samples); both return exactly the 1-process result."""
+    import subprocess
+    import sys
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                       # the ranks' float arithmetic
+    model, processor = policy.build_tiny(seed=4)
+    alone = ev.evaluate(model, processor, ev.suite("search-16", n=7), max_new_tokens=6, batch_size=2, progress=False)
+    torch.set_num_threads(threads)
+    alone = json.loads(json.dumps(alone))                          # tuples become lists, as in the ranks' files
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["n"] == 7
+        for key in ("accuracy", "format", "accuracy_ci"):
+            assert got[key] == alone[key], key
+        assert got["grounding"] == pytest.approx(alone["grounding"], abs=1e-6)

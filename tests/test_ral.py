@@ -175,3 +175,18 @@ def test_data_set_files_replace_the_offline_tasks(tmp_path):
     assert results["after_rl"]["n"] == 3
     assert len(list(tmp_path.glob("warm-tiny4x128-think-sft2-s0-*"))) == 1
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_prompts_come_in_epochs_without_replacement(world):
+    """Every prompt exactly once per epoch, whatever the ranks (each takes its slice of the same global list) and
+    across a resume (a function of the step alone); epochs are shuffled differently."""
+    n, per_step = 10, 4
+    used = []
+    for step in range(5):                                              # 20 prompts: two epochs
+        idx = ral.epoch_prompts(n, step, per_step, seed=3)
+        shares = [idx[r * per_step // world:(r + 1) * per_step // world] for r in range(world)]
+        used += [i for share in shares for i in share]
+    assert sorted(used[:10]) == list(range(10)) and sorted(used[10:]) == list(range(10))
+    assert used[:10] != used[10:]
+    assert ral.epoch_prompts(n, 3, per_step, seed=3) == used[12:16]   # a resumed run at step 3 sees the same

@@ -1,11 +1,13 @@
 """Rollouts are the policy: whatever generation_config a checkpoint ships, responses are sampled from
 softmax(logits / T) with the vision tokens suppressed, and policy_forward's log-probs (old_logp, the ratio) are
-exactly those of that distribution."""
+exactly those of that distribution; batching generate calls changes no response."""
 import pytest
 import torch
 
 import data
 import model as policy
+import ral
+from helpers import spread_reward
 
 
 @pytest.fixture(scope="module")
@@ -20,24 +22,42 @@ def instruct_like(tmp_path_factory):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollouts_sample_softmax_logits_over_t(instruct_like, temperature):
+def test_rollouts_sample_softmax_logits_over_t(instruct_like, temperature, monkeypatch):
+    """The scores the sampler draws from, divided by T, give exactly policy_forward's log-probs."""
     model, processor = instruct_like
     assert model.generation_config.repetition_penalty == 1.3 and model.generation_config.top_k == 1
+    seen = []
+    draw = policy.GumbelSampler.__call__
+    monkeypatch.setattr(policy.GumbelSampler, "__call__",
+                        lambda self, ids, scores: seen.append(scores.float() / self.temperature) or draw(self, ids, scores))
     batch, _ = data.encode(data.search_task(1, seed=0, tokens=16) * 6, processor)
-    torch.manual_seed(0)
+    response, mask = policy.generate(model, processor, batch, 8, temperature, seeds=range(6))
+    sampled = torch.gather(torch.stack(seen[:response.shape[1]], 1).log_softmax(-1), 2, response[..., None])[..., 0]
     with torch.no_grad():
-        out = model.generate(**batch, generation_config=policy.sampling_config(model, 8, temperature),
-                             return_dict_in_generate=True, output_scores=True)
-    P = batch["input_ids"].shape[1]
-    response = out.sequences[:, P:]
-    eos = processor.tokenizer.eos_token_id
-    ended = (response == eos).long().cumsum(1)
-    mask = (ended == 0) | ((ended == 1) & (response == eos))
-    scores = torch.stack(out.scores, 1).float().log_softmax(-1)            # what generate sampled from
-    sampled = torch.gather(scores, 2, response[..., None]).squeeze(-1)
-    with torch.no_grad():
-        logp, _ = policy.policy_forward(model, policy.with_responses(batch, response, mask.long()), response.shape[1],
+        logp, _ = policy.policy_forward(model, policy.with_responses(batch, response, mask), response.shape[1],
                                         attention=False, temperature=temperature)
-    assert (logp - sampled)[mask].abs().max() < 1e-5
+    m = mask.bool()
+    assert (logp - sampled)[m].abs().max() < 1e-5
     assert len({tuple(r.tolist()) for r in response}) > 1             # top_k=1 from the checkpoint did not apply
-    assert not torch.isin(response, torch.tensor(policy.suppressed_tokens(model.config))).any()
+    assert not torch.isin(response[m], torch.tensor(policy.suppressed_tokens(model.config))).any()
+
+
+def test_gumbel_sampler_draws_from_the_softmax():
+    scores = torch.tensor([[1.0, 0.0, -1.0, 2.0, float("-inf")]])
+    sampler = policy.GumbelSampler(0.7, [torch.Generator().manual_seed(0)])
+    counts = torch.bincount(torch.stack([sampler(None, scores).argmax(-1)[0] for _ in range(20000)]), minlength=5)
+    expected = (scores / 0.7).softmax(-1)[0]
+    assert counts[4] == 0 and (counts / 20000 - expected).abs().max() < 0.015   # 3+ standard errors
+
+
+def test_batched_rollouts_equal_one_prompt_at_a_time():
+    model, processor = policy.build_tiny(seed=1)
+    prompts = data.search_task(3, seed=4, tokens=16)
+    out = {}
+    for per_call in (0, 4):         # all 3 groups in one generate call, or one group per call
+        cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=8, generate_batch=per_call)
+        out[per_call] = ral.rollout(model, None, processor, prompts, cfg, "think", 5, 2, "cpu", spread_reward)[0]
+    assert len(out[0]) == len(out[4])
+    for a, b in zip(out[0], out[4]):
+        assert torch.equal(a["batch"]["input_ids"], b["batch"]["input_ids"])       # the same responses
+        assert (a["old_logp"] - b["old_logp"]).abs().max() < 1e-6 and (a["old_p"] - b["old_p"]).abs().max() < 1e-6
