@@ -15,6 +15,8 @@ capture: forward + backward of one batch of random text (B x T, the last R rows 
   reporting the step time, the activation memory saved for backward (exact: the bytes of every tensor autograd
   keeps, counted once per storage, parameters excluded) and, in a fresh process per cell, the peak RSS growth.
 step: one GRPO step against one RAL step (ral.rollout + ral.update) on the offline search task, per phase.
+rollout: one RAL step before (a generate call per prompt, the vision tower in every forward) and after (one
+    batched generate per step, the tower once per prompt): rollout time, tokens/s, tower calls, step time.
 memory: per-GPU bytes of the training state (fp32 master weights, gradients, AdamW, bf16 reference) of the real
     Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs.
 Results go to a markdown table on stdout and to bench.json.
@@ -192,6 +194,42 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     return out
 
 
+def bench_rollout(size, prompts, group, new_tokens, repeats, tokens):
+    """One RAL step (rollout + update) as before (a generate call per prompt, the vision tower re-encoding the
+    image in every forward) and after (one batched generate per step, the tower once per prompt), interleaved, from
+    the same weights and seeds, so the same responses: rollout time, generated tokens/s, tower calls, step time."""
+    model, processor = build_tiny(**parse_size(size))
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    init = copy.deepcopy(model.state_dict())
+    calls = []
+    for m in (model, ref):
+        m.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    prompts_list = data.search_task(prompts, seed=0, tokens=tokens)
+    variants = dict(before=dict(generate_batch=group, vision_cache=False), after=dict(generate_batch=0, vision_cache=True))
+    runs = {k: [] for k in variants}
+    for rep in range(repeats + 1):
+        for name in (("before", "after") if rep % 2 else ("after", "before")):
+            cfg = dict(ral.DEFAULTS, group_size=group, max_new_tokens=new_tokens, **variants[name])
+            model.load_state_dict(init)
+            optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"])
+            calls.clear()
+            model.eval()
+            t0 = time.perf_counter()
+            micro_batches, stats, _, phases = ral.rollout(model, ref, processor, prompts_list, cfg, "think", 0, 0, "cpu")
+            model.train()
+            ral.update(model, optimizer, micro_batches, ral.rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"]),
+                       cfg["mini_batches"], cfg["epochs"], cfg["grad_clip"], world=1)
+            if rep:
+                runs[name].append(dict(generate_s=phases["generate"], step_s=time.perf_counter() - t0,
+                                       tokens_per_s=stats["response_len"] / phases["generate"], tower_calls=len(calls)))
+    out = dict(size=size, prompts=prompts, group_size=group, max_new_tokens=new_tokens, visual_tokens=tokens)
+    for name in variants:
+        out[name] = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
+    out["speedup"] = {k: statistics.median(b[k] / a[k] for a, b in zip(runs["after"], runs["before"]))
+                      for k in ("generate_s", "step_s")}
+    return out
+
+
 # The released checkpoints' config.json values (text and vision tower) that set the parameter count.
 QWEN25_VL = {
     "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
@@ -240,6 +278,16 @@ def print_tables(results):
         print("| phase | GRPO s | RAL s | RAL / GRPO |\n|---|---|---|---|")
         for phase, p in s["phases"].items():
             print(f"| {phase} | {p['grpo_s']:.3f} | {p['ral_s']:.3f} | {p['ral_vs_grpo']:.2f} |")
+    if "rollout" in results:
+        r = results["rollout"]
+        print(f"\n### Rollouts before vs after ({r['size']}, {r['prompts']} prompts x {r['group_size']}, "
+              f"{r['visual_tokens']} visual tokens, max {r['max_new_tokens']} new tokens; one RAL step)\n")
+        print("| | rollout s | generated tokens/s | vision-tower calls per step | whole step s |\n|---|---|---|---|---|")
+        for name in ("before", "after"):
+            v = r[name]
+            print(f"| {name} | {v['generate_s']:.3f} | {v['tokens_per_s']:.0f} | {v['tower_calls']:.0f} | "
+                  f"{v['step_s']:.3f} |")
+        print(f"| before / after | {r['speedup']['generate_s']:.2f} | | | {r['speedup']['step_s']:.2f} |")
     if "memory" in results:
         print("\n### Training state per GPU, before activations (GB = 1e9 bytes): fp32 master weights + fp32 "
               "gradients + AdamW (fp32) + bf16 frozen vision tower + bf16 reference model\n")
@@ -254,7 +302,9 @@ def print_tables(results):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--what", default="capture,step,memory", help="capture, step, memory (comma-separated)")
+    ap.add_argument("--what", default="capture,step,rollout,memory",
+                    help="capture, step, rollout, memory (comma-separated)")
+    ap.add_argument("--visual-tokens", type=int, default=64, help="visual tokens per image for the rollout benchmark")
     ap.add_argument("--gpus", type=int, default=8, help="devices for the memory table")
     ap.add_argument("--seq", default="256,1024", help="total sequence lengths T for the capture benchmark")
     ap.add_argument("--sizes", default="4x128x4,8x512x8", help="tiny models as layers x hidden x heads")
@@ -282,6 +332,9 @@ def main(argv=None):
                                            args.rows, args.repeats, args.rss)
     if "step" in what:
         results["step"] = bench_step(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats)
+    if "rollout" in what:
+        results["rollout"] = bench_rollout(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats,
+                                           args.visual_tokens)
     if "memory" in what:
         results["memory"] = bench_memory(args.gpus)
     results["env"]["load_avg_end"] = os.getloadavg()[0]

@@ -20,6 +20,7 @@ from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokeni
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -208,10 +209,36 @@ VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_g
 
 
 def take_rows(batch, i, j):
-    """Sequences i..j-1 of a group (G sequences sharing one prompt); the visual tensors hold the same number of
-    rows for every sequence, so they slice evenly."""
+    """Sequences i..j-1 of a group (G sequences sharing one prompt); the visual tensors (and the cached visual
+    embeddings, one entry per image) hold the same number of rows for every sequence, so they slice evenly."""
     n = batch["input_ids"].shape[0]
-    return {k: v[i * (len(v) // n):j * (len(v) // n)] if k in VISUAL_KEYS else v[i:j] for k, v in batch.items()}
+    rows = lambda v: v[i * (len(v) // n):j * (len(v) // n)]
+    out = {k: rows(v) if k in VISUAL_KEYS else v[i:j] for k, v in batch.items() if k != "mm_encoder_outputs"}
+    if "mm_encoder_outputs" in batch:
+        out["mm_encoder_outputs"] = {kind: BaseModelOutputWithPooling(pooler_output=rows(o.pooler_output))
+                                     for kind, o in batch["mm_encoder_outputs"].items()}
+    return out
+
+
+def encode_visuals_once(model, batch):
+    """The vision tower once for a group (G sequences sharing one prompt): its merged embeddings of the first copy
+    replace pixel_values as mm_encoder_outputs (transformers' input for precomputed encoder outputs), one entry per
+    sequence, so generate and every later forward of the step (old and reference log-probs, every mini-batch and
+    epoch of the update) reuse them. Exact while the tower and merger are frozen (prepare): for the same pixels
+    their output is a constant, and no gradient flows into them."""
+    n, out, encoded = len(batch["input_ids"]), dict(batch), {}
+    tower = getattr(model, "module", model).model
+    for kind, pixels, grid in (("image", "pixel_values", "image_grid_thw"),
+                               ("video", "pixel_values_videos", "video_grid_thw")):
+        if pixels in batch:
+            values, rows, items = out.pop(pixels), len(batch[pixels]) // n, len(batch[grid]) // n
+            if not torch.equal(values[:rows], values[-rows:]):
+                raise ValueError("encode_visuals_once takes a group: every sequence must show the same media")
+            features = tower.get_image_features if kind == "image" else tower.get_video_features
+            with torch.no_grad():
+                embeds = features(values[:rows], batch[grid][:items], return_dict=True).pooler_output
+            encoded[kind] = BaseModelOutputWithPooling(pooler_output=tuple(embeds) * n)
+    return dict(out, mm_encoder_outputs=encoded) if encoded else out
 
 
 def to_device(batch, device):
@@ -236,6 +263,9 @@ def concat_batches(batches, pad_id):
     for k in batches[0]:
         if k in fill:
             out[k] = torch.cat([F.pad(b[k], (P - b[k].shape[1], 0), value=fill[k]) for b in batches])
+        elif k == "mm_encoder_outputs":
+            out[k] = {kind: BaseModelOutputWithPooling(pooler_output=sum((b[k][kind].pooler_output for b in batches),
+                                                                           ())) for kind in batches[0][k]}
         else:
             out[k] = torch.cat([b[k] for b in batches])
     return out

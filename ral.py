@@ -25,8 +25,8 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from cli import UsageError, cli, parse
-from model import append_responses, build_tiny, check_source, concat_batches, generate, load, policy_forward, take_rows, \
-    to_device, training_memory, with_responses
+from model import append_responses, build_tiny, check_source, concat_batches, encode_visuals_once, generate, load, \
+    policy_forward, take_rows, to_device, training_memory, with_responses
 
 # ----------------------------------------------------------------------------------------------------------------
 # The objective (docs/METHOD.md, Eq. 1-4 and 8)
@@ -107,6 +107,8 @@ OPTIONS = dict(   # name: (default, meaning)
     prompts_per_step=(8, "prompts per RL step over all ranks (each gets group_size responses)"),
     group_size=(8, "G: responses per prompt (Eq. 8 normalizes within a group)"),
     max_new_tokens=(48, "longest response, in tokens"),
+    vision_cache=(True, "encode each prompt's image or video once per step and reuse it in every forward (exact: "
+                        "the tower is frozen); False re-encodes it each time, as bench.py compares"),
     generate_batch=(0, "sequences per generate call (whole groups; at least one group), to bound memory; 0 = all "
                        "of a rank's prompts x group_size in one call"),
     temperature=(1.0, "rollout sampling temperature: plain sampling from softmax(logits / T), and the loss's "
@@ -260,7 +262,8 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
     G, tok = cfg["group_size"], processor.tokenizer
     t0 = time.time()
     groups = [data.encode([sample] * G, processor, mode) for sample in prompts]
-    groups = [(to_device(batch, device), masks) for batch, masks in groups]
+    cache = encode_visuals_once if cfg["vision_cache"] else lambda model, batch: batch
+    groups = [(cache(model, to_device(batch, device)), masks) for batch, masks in groups]
     per_call = max(1, (cfg["generate_batch"] or G * len(prompts)) // G)      # whole groups per generate call
     responses = []
     for first in range(0, len(prompts), per_call):

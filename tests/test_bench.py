@@ -49,3 +49,11 @@ def test_memory_table_from_the_real_configs():
     ddp, fsdp = rows["Qwen2.5-VL-7B", "DDP"], rows["Qwen2.5-VL-7B", "FSDP"]
     assert abs(ddp["params"] / 1e9 - 8.29) < 0.01 and abs(ddp["gradients"] / 4e9 - 7.62) < 0.01
     assert ddp["total"] > 80e9 > fsdp["total"] and abs(fsdp["total"] * 8 - ddp["total"]) < 1e3
+
+
+def test_rollout_before_and_after(tmp_path):
+    r = bench.main(["--what", "rollout", "--prompts", "2", "--group", "2", "--new-tokens", "4", "--repeats", "1",
+                    "--visual-tokens", "16", "--out", str(tmp_path / "b.json")] + SAME_THREADS)["rollout"]
+    # before: generate + old + ref + (2 mini-batches x 1 epoch) forwards, per prompt, re-encode; after: once a prompt
+    assert r["after"]["tower_calls"] == 2 and r["before"]["tower_calls"] == 2 * (1 + 2 + 2 + 2)
+    assert r["before"]["tokens_per_s"] > 0 and r["speedup"]["step_s"] > 0

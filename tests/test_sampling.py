@@ -61,3 +61,43 @@ def test_batched_rollouts_equal_one_prompt_at_a_time():
     for a, b in zip(out[0], out[4]):
         assert torch.equal(a["batch"]["input_ids"], b["batch"]["input_ids"])       # the same responses
         assert (a["old_logp"] - b["old_logp"]).abs().max() < 1e-6 and (a["old_p"] - b["old_p"]).abs().max() < 1e-6
+
+
+def count_tower_calls(model):
+    calls = []
+    model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_vision_cache_is_exact(kind, tmp_path):
+    """Visual embeddings computed once (mm_encoder_outputs) give the uncached forward's log-probs and attention
+    policy to 1e-6, and the same generation."""
+    model, processor = policy.build_tiny(seed=2)
+    sample = data.search_task(1, seed=0, tokens=16)[0] if kind == "image" else \
+        data.video_task(1, frames=4, folder=str(tmp_path))[0]
+    batch, _ = data.encode([sample] * 3, processor)
+    cached = policy.encode_visuals_once(model, batch)
+    assert "pixel_values" not in cached and "pixel_values_videos" not in cached
+    response, mask = policy.generate(model, processor, batch, 6, seeds=[1, 2, 3])
+    again, _ = policy.generate(model, processor, cached, 6, seeds=[1, 2, 3])
+    assert torch.equal(response, again)
+    with torch.no_grad():
+        for i, j in ((0, 3), (1, 2)):                                  # the whole group and a slice of it
+            a = policy.policy_forward(model, policy.take_rows(policy.with_responses(batch, response, mask), i, j), 6)
+            b = policy.policy_forward(model, policy.take_rows(policy.with_responses(cached, response, mask), i, j), 6)
+            assert (a[0] - b[0]).abs().max() < 1e-6 and (a[1] - b[1]).abs().max() < 1e-6
+
+
+def test_the_tower_runs_once_per_prompt_per_step():
+    model, processor = policy.build_tiny(seed=1)
+    calls = count_tower_calls(model)
+    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2, micro_batch=1)
+    ref = policy.build_tiny(seed=1)[0].eval()
+    ref_calls = count_tower_calls(ref)
+    micro_batches = ral.rollout(model, ref, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
+                                "cpu", spread_reward)[0]
+    model.train()
+    opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.1)
+    ral.update(model, opt, micro_batches, ral.rl_loss(0.2, 0.04, 1.0), 2, 2, 1.0, world=1)
+    assert len(calls) == 2 and len(ref_calls) == 0     # 2 prompts; 8 micro-batches x (old, ref, 2 epochs) reuse it
