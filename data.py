@@ -173,8 +173,10 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
         colour = OPTION_COLOURS[LETTERS.index(letter)]
         needle = rng.randrange(frames)
         scenes = [_scene(rng, side, clutter, colour, with_target=(f == needle)) for f in range(frames)]
-        path = os.path.join(folder, f"video-{seed}-{i}.mp4")
-        write_mp4([img for img, _ in scenes], path)
+        path = os.path.join(folder, f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}-{i}.mp4")
+        if not os.path.exists(path):   # a function of the name: another rank (or run) may have written it already
+            write_mp4([img for img, _ in scenes], path + ".tmp.mp4")
+            os.replace(path + ".tmp.mp4", path)
         box = scenes[needle][1]
         samples.append(dict(id=f"video-{tokens_per_frame}-{seed}-{i}", question=question, options=options,
                             answer=letter, problem_type="multiple choice", image=None, video=path,

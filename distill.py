@@ -155,7 +155,7 @@ def main(argv, reward_fn=data.reward):
     if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
         raise UsageError("--mu and --gamma_attn must be >= 0")
     rank, world, device = ral.setup_distributed(cfg)
-    sft_samples, train_samples, held_out, suite = ral.load_samples(cfg)
+    sft_samples, train_samples, held_out, suite = ral.load_samples(cfg, rank, world)
     mode = "zero" if cfg["zero"] else "think"
     teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None

@@ -121,7 +121,8 @@ OPTIONS = dict(   # name: (default, meaning)
     lambda_attn=(1.0, "weight of the attention term, Eq. 4 (set to 0 by algo=grpo)"),
     mini_batches=(2, "optimizer steps per rollout and epoch, each on a slice of every group (1..group_size)"),
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
-    micro_batch=(0, "sequences per forward, to bound memory; 0 = a whole mini-batch slice of a group"),
+    micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
+                    "(SFT: a rank's whole batch)"),
     eval_n=(128, "held-out samples (0: no evaluation)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
@@ -224,19 +225,26 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
             group["lr"] = lr
         idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
         chosen = [samples[i] for i in idx]
-        batch, _ = data.encode(chosen, processor, mode)
         targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                    for s in chosen]
-        full, mask = append_responses(to_device(batch, device), targets, tok.pad_token_id)
-        with compute(cfg, device):
-            logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
-        mask = mask.to(logp.device)
-        loss = masked_sum(-logp, mask) / mask.sum()
+        # the token mean over the whole global batch: the same objective for any ranks and micro-batches
+        n_tokens = torch.tensor(float(sum(map(len, targets))), device=device)
+        if world > 1:
+            dist.all_reduce(n_tokens)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        size, loss = cfg["micro_batch"] or len(chosen), 0.0
+        for i in range(0, len(chosen), size):
+            batch, _ = data.encode(chosen[i:i + size], processor, mode)
+            full, mask = append_responses(to_device(batch, device), targets[i:i + size], tok.pad_token_id)
+            sync = i + size >= len(chosen) or world == 1
+            with nullcontext() if sync else getattr(model, "no_sync", nullcontext)(), compute(cfg, device):
+                logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
+                part = masked_sum(-logp, mask.to(logp.device)) / n_tokens
+                (part * world).backward()        # DDP averages gradients over ranks; the loss is a global sum
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
     return model
 
 
@@ -460,15 +468,19 @@ def read_samples(path):
     return samples
 
 
-def load_samples(cfg):
+def load_samples(cfg, rank=0, world=1):
     """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task) and the held-out suite's
-    name, under which its results are filed in eval.json."""
+    name, under which its results are filed in eval.json. The offline video task's files are written once, by
+    rank 0, while the others wait; then every rank finds them."""
     if cfg["task"] == "search":
         offline = data.search_task(cfg["train_size"], seed=cfg["seed"], tokens=cfg["task_tokens"])
     else:
-        folder = os.path.join(cfg["out_dir"], "videos")
-        offline = data.video_task(cfg["train_size"], seed=cfg["seed"], frames=cfg["task_frames"], folder=folder,
-                                  tokens_per_frame=cfg["task_tokens"])
+        video = lambda: data.video_task(cfg["train_size"], seed=cfg["seed"], frames=cfg["task_frames"],
+                                        folder=os.path.join(cfg["out_dir"], "videos"), tokens_per_frame=cfg["task_tokens"])
+        offline = video() if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        offline = offline or video()
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else offline
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else offline
     name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
@@ -522,6 +534,8 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
     else:
         model, processor = load(cfg["init_from"], device, getattr(torch, cfg["dtype"]))
     if cfg["sft_steps"]:
+        if cfg["grad_checkpointing"]:
+            model.activation_checkpointing_enable(dict(use_reentrant=False))
         sft(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, processor,
             sft_samples, cfg, mode, device, rank, world)
     if rank == 0:
@@ -644,7 +658,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
 def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
     rank, world, device = setup_distributed(cfg)
-    sft_samples, train_samples, held_out, suite = load_samples(cfg)
+    sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,

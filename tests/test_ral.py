@@ -190,3 +190,20 @@ def test_prompts_come_in_epochs_without_replacement(world):
     assert sorted(used[:10]) == list(range(10)) and sorted(used[10:]) == list(range(10))
     assert used[:10] != used[10:]
     assert ral.epoch_prompts(n, 3, per_step, seed=3) == used[12:16]   # a resumed run at step 3 sees the same
+
+
+def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
+    """SFT's loss is the token mean over the global batch: micro-batches of 3 sequences give the same gradient as one
+    batch (SGD in place of AdamW, so the gradient's scale shows, not only its direction)."""
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    samples = data.search_task(8, seed=0, tokens=16)
+    finals = []
+    for micro_batch in (0, 3):
+        model, processor = build_tiny(layers=1, hidden=64, seed=0)
+        cfg = dict(ral.DEFAULTS, sft_steps=2, sft_batch=7, sft_lr=20.0, micro_batch=micro_batch, grad_clip=1e9)
+        ral.sft(model, processor, samples, cfg, "think", "cpu")
+        finals.append(torch.cat([w.detach().flatten() for w in model.parameters() if w.requires_grad]))
+    start = torch.cat([w.detach().flatten() for w in build_tiny(layers=1, hidden=64, seed=0)[0].parameters()
+                       if w.requires_grad])
+    moved = (finals[0] - start).abs().max()
+    assert moved > 1e-3 and (finals[0] - finals[1]).abs().max() < 1e-4 * moved
