@@ -22,9 +22,11 @@ import math
 import os
 import re
 import sys
+import textwrap
 
 import numpy as np
 import torch
+import matplotlib.patches
 import torch.distributed as dist
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -226,19 +228,59 @@ def answer_rows(tokenizer, response, mask):
 
 
 @torch.no_grad()
+def answer_attention(model, processor, sample, mode="think", max_new_tokens=64, reward_fn=data.reward):
+    """Where the answer looks: the greedy response and its answer tokens' final-layer attention (Eq. 2's p, averaged
+    over them) on the visual tokens, as a (frames x) rows x cols grid of token cells. Returns dict(heat, text,
+    correct, grounding, out=respond's dict)."""
+    out = respond(model, processor, [sample], mode, max_new_tokens)
+    rows = answer_rows(processor.tokenizer, out["response"][0], out["response_mask"][0])[None]
+    attn = mean_rows(out["p"], rows, out["visual"].shape[1])
+    merge = processor.image_processor.merge_size
+    t, h, w = (int(v) for v in (out["batch"].get("image_grid_thw", out["batch"].get("video_grid_thw")))[0])
+    heat = attn[0][out["visual"][0]].numpy().reshape(t, h // merge, w // merge)
+    return dict(heat=heat if "video_grid_thw" in out["batch"] else heat[0], text=out["texts"][0], out=out,
+                correct=bool(reward_fn(out["texts"][0], sample, mode)["accuracy"]),
+                grounding=grounding_scores(attn, out["visual"], out["target"])[0])
+
+
+def attention_figure(sample, runs, path, mode="think", max_new_tokens=64):
+    """A figure a person can read: for each (label, model, processor) in runs, the image with the attention of the
+    answer over it (one colour scale per panel, in attention mass per visual token), the star's box, the response,
+    whether it was right and the grounding; the question on top. Same sample for every run (before vs after)."""
+    image, box = data.load_image(sample["image"]), (sample.get("target") or {}).get("box")
+    fig = Figure(figsize=(4.2 * len(runs), 5.2))
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    for ax, (label, model, processor) in zip(axes, runs):
+        a = answer_attention(model, processor, sample, mode, max_new_tokens)
+        ax.imshow(image)
+        shown = ax.imshow(a["heat"], cmap="inferno", alpha=0.55, extent=(0, image.width, image.height, 0),
+                          interpolation="nearest")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="attention mass per visual token")
+        if box:
+            x0, y0, x1, y1 = box
+            ax.add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan",
+                                                      linewidth=2))
+        ground = "–" if a["grounding"] is None else f"{a['grounding']:.2f}"
+        ax.set_title(f"{label}: {'right' if a['correct'] else 'wrong'} (answer {sample['answer']}), "
+                     f"grounding {ground}", fontsize=9)
+        ax.set_xlabel(textwrap.fill(a["text"][:160] or "(empty response)", 48), fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(sample["question"].split("\n")[0] + "   (cyan: the star's box)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+@torch.no_grad()
 def attention_map(model, processor, sample, path, mode="think", max_new_tokens=64):
     """Render the final-layer attention of the answer tokens (Eq. 2's p, averaged over them) over the image as a
     heatmap PNG of the image's size, or over a video as a strip with one frame per temporal token group.
     Returns dict(path, text, grounding)."""
-    out = respond(model, processor, [sample], mode, max_new_tokens)
-    batch = out["batch"]
-    rows = answer_rows(processor.tokenizer, out["response"][0], out["response_mask"][0])[None]
-    attn = mean_rows(out["p"], rows, out["visual"].shape[1])
-    weights = attn[0][out["visual"][0]].numpy()
+    a = answer_attention(model, processor, sample, mode, max_new_tokens)
+    batch, heat = a["out"]["batch"], a["heat"]
     ip, target = processor.image_processor, sample.get("target")
     if "image_grid_thw" in batch:
-        _, h, w = (int(v) for v in batch["image_grid_thw"][0])
-        heat = weights.reshape(h // ip.merge_size, w // ip.merge_size)
         picture = overlay(data.load_image(sample["image"]), heat, box=target and target.get("box"))
     else:
         thw = batch["video_grid_thw"][0]
@@ -249,7 +291,6 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
         if target and target.get("frame") is not None and target["frame"] < len(frames):
             hit = target["frame"] // ip.temporal_patch_size  # (offline videos are 1 fps: frame = sampled index)
             shown[hit] = frames[target["frame"]]             # the group holding the needle shows the needle frame
-        heat = weights.reshape(t, h // ip.merge_size, w // ip.merge_size)
         heat = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # one colour scale for the whole strip
         tiles = [overlay(Image.fromarray(f), hm, normalize=False) for f, hm in zip(shown, heat)]
         picture = Image.new("RGB", (sum(tile.width for tile in tiles), tiles[0].height))
@@ -259,8 +300,7 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
             picture.paste(tile, (i * tile.width, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     picture.save(path)
-    ground = grounding_scores(attn, out["visual"], out["target"])[0]
-    return dict(path=path, text=out["texts"][0], grounding=ground)
+    return dict(path=path, text=a["text"], grounding=a["grounding"])
 
 
 def plot_curves(metrics_path, png_path, keys):

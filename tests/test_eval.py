@@ -318,3 +318,16 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
         for key in ("accuracy", "format", "accuracy_ci"):
             assert got[key] == alone[key], key
         assert got["grounding"] == pytest.approx(alone["grounding"], abs=1e-6)
+
+
+def test_attention_figure_before_and_after(tmp_path):
+    """Two runs side by side on one sample: a PNG of the figure's size, with the star's box drawn in cyan."""
+    sample = ev.suite("search-64", n=1)[0]
+    runs = [(name, *policy.build_tiny(seed=seed)) for name, seed in (("before RL", 0), ("after RL", 1))]
+    path = ev.attention_figure(sample, runs, str(tmp_path / "fig.png"), max_new_tokens=6)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert img.shape[:2] == (520, 840)
+    cyan = (img[..., 0] < 60) & (img[..., 1] > 200) & (img[..., 2] > 200)
+    assert cyan.sum() > 100                                       # the two boxes' outlines
+    a = ev.answer_attention(runs[0][1], runs[0][2], sample, max_new_tokens=6)
+    assert a["heat"].shape == (8, 8) and abs(a["heat"].sum() - 1) < 1    # mass on the 64 visual tokens, <= 1
