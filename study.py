@@ -1,0 +1,208 @@
+"""
+The study: the paper's claims (docs/METHOD.md, "What the small-scale replication asks") tested on the offline
+tasks, with seeds and intervals.
+
+    python study.py --quick                      # every part at a toy budget, 2 seeds: a few minutes
+    python study.py                              # the core comparison: RAL vs GRPO, 5 seeds (about an hour, 2 cores)
+    python study.py --parts core,zero,sizes,lambda,distill      # the whole study (a few hours)
+    python study.py --seeds 3 --rl_steps=40      # any other --key=value is passed to every arm
+    torchrun --nproc_per_node=4 study.py --parts ...            # arms split over ranks (or machines)
+
+Parts: core (RAL vs GRPO), zero (RAL-zero vs GRPO-zero), sizes (the lead as visual tokens grow: search at 64 and
+256 tokens, video needle at 4 and 8 frames), lambda (lambda_attn 10 and 100, and 4 mini-batches x 2 epochs so the
+policy drifts within a rollout), distill (KD + attention distillation vs KD). Every arm is one `python ral.py` (or
+`distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms of the same task;
+an arm whose results.json exists is never re-run, so an interrupted study resumes. The report is written from the
+runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and
+curves.png in out_dir.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import eval as evaluation
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+QUICK = ["--sft_steps=40", "--rl_steps=3", "--eval_n=16", "--prompts_per_step=2", "--group_size=4",
+         "--max_new_tokens=24", "--train_size=64"]
+
+
+def arms(parts):
+    """(part, setting, method, script, options) for every arm; the setting is what the methods are compared at."""
+    out = []
+    pair = lambda part, setting, extra, suffix="": [
+        (part, setting, "grpo" + suffix, "ral.py", ["--algo=grpo", *extra]), (part, setting, "ral" + suffix, "ral.py", extra)]
+    if "core" in parts:
+        out += pair("core", "search-16", [])
+    if "zero" in parts:
+        out += pair("zero", "search-16", ["--zero=True"], "-zero")
+    if "sizes" in parts:
+        for tokens in (64, 256):
+            out += pair("sizes", f"search-{tokens}", [f"--task_tokens={tokens}"])
+        for frames in (4, 8):
+            out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}"])
+    if "lambda" in parts:
+        drift = ["--mini_batches=4", "--epochs=2"]
+        out += [("lambda", "search-16 drift", "grpo", "ral.py", ["--algo=grpo", *drift])]
+        out += [("lambda", "search-16 drift", f"ral-l{lam}", "ral.py", [f"--lambda_attn={lam}", *drift])
+                for lam in (1, 10, 100)]
+    if "distill" in parts:
+        out += [("distill", "search-16", "kd", "distill.py", ["--gamma_attn=0"]),
+                ("distill", "search-16", "kd+attn", "distill.py", [])]
+    return out
+
+
+def run_arm(out_dir, arm, seed, extra):
+    """One arm and seed as its own process (one torch thread: the arms are many and the cores few). Returns its
+    folder; skipped when results.json exists."""
+    part, setting, method, script, options = arm
+    folder = os.path.join(out_dir, f"{part}-{setting.replace(' ', '-')}-{method}-s{seed}")
+    if os.path.exists(os.path.join(folder, "results.json")):
+        return folder
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    if script == "distill.py":   # the teacher is ral.py's warm start of the same budget, shared with the other arms
+        extra = extra + [a.replace("--sft_steps=", "--teacher_sft_steps=") for a in extra if a.startswith("--sft_steps=")]
+    argv = [sys.executable, os.path.join(ROOT, script), f"--out_dir={folder}", f"--seed={seed}", *options, *extra]
+    with open(folder + ".log", "w") as log:
+        proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"arm {folder} failed (exit {proc.returncode}); see {folder}.log")
+    return folder
+
+
+def collect(out_dir, all_arms, seeds):
+    """Per arm and seed: held-out accuracy and grounding before and after RL, from the run's results.json."""
+    rows = []
+    for arm in all_arms:
+        for seed in seeds:
+            folder = os.path.join(out_dir, f"{arm[0]}-{arm[1].replace(' ', '-')}-{arm[2]}-s{seed}")
+            r = evaluation.read_json(os.path.join(folder, "results.json"))
+            if "after_rl" in r:
+                rows.append(dict(part=arm[0], setting=arm[1], method=arm[2], seed=seed, folder=folder,
+                                 before=r["before_rl"]["accuracy"], after=r["after_rl"]["accuracy"],
+                                 ground_before=r["before_rl"]["grounding"], ground_after=r["after_rl"]["grounding"],
+                                 chance=r["after_rl"]["grounding_chance"]))
+    return rows
+
+
+def interval(values):
+    mean, half = evaluation.mean_ci(values)
+    return f"{100 * mean:.1f} ± {100 * half:.1f}" if half == half else f"{100 * mean:.1f}"
+
+
+def report(rows, out_dir, command):
+    """report.md: per setting and method, accuracy before and after (mean ± 95% t interval over seeds), the gain,
+    the paired difference to the setting's baseline (grpo, or kd), and grounding before and after vs uniform."""
+    lines = [f"# Study report\n\nMade by `{command}`; every number is the mean over seeds ± the half-width of its 95% t "
+             "interval, from the runs' results.json (held-out accuracy in %, greedy; grounding: the share of the "
+             "answer's attention on visual tokens that lands on the target's tokens).\n",
+             "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) | grounding before "
+             "-> after (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["part"], r["setting"], r["method"]) for r in rows))
+    for part, setting, method in keys:
+        mine = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == (part, setting, method)}
+        base = {r["seed"]: r for r in rows if (r["part"], r["setting"]) == (part, setting)
+                and r["method"] == ("kd" if part == "distill" else "grpo")}
+        paired = [mine[s]["after"] - base[s]["after"] for s in mine if s in base]
+        vs = "–" if method in ("grpo", "kd") or not paired else interval(paired)
+        g = lambda key: np.mean([r[key] for r in mine.values() if r[key] is not None] or [np.nan])
+        lines.append(f"| {part} | {setting} | {method} | {len(mine)} | {interval([r['before'] for r in mine.values()])}"
+                     f" | {interval([r['after'] for r in mine.values()])} | "
+                     f"{interval([r['after'] - r['before'] for r in mine.values()])} | {vs} | "
+                     f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(text)
+    plots(rows, out_dir)
+    return text
+
+
+def plots(rows, out_dir):
+    """Accuracy vs visual tokens per method (search settings), grounding before/after per arm, reward curves."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    search = [r for r in rows if r["setting"].startswith("search-") and r["part"] in ("core", "sizes")]
+    for method in dict.fromkeys(r["method"] for r in search):
+        sizes = sorted({int(r["setting"].split("-")[1]) for r in search if r["method"] == method})
+        stats = [evaluation.mean_ci([r["after"] for r in search if r["method"] == method
+                                     and r["setting"] == f"search-{n}"]) for n in sizes]
+        ax.errorbar(sizes, [100 * m for m, _ in stats], yerr=[100 * np.nan_to_num(h) for _, h in stats],
+                    marker="o", capsize=4, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens per image")
+    ax.set_ylabel("held-out accuracy after RL, % (95% CI over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "accuracy_vs_tokens.png"), dpi=100)
+
+    keys = list(dict.fromkeys((r["part"], r["setting"], r["method"]) for r in rows))
+    fig = Figure(figsize=(max(6, 0.9 * len(keys)), 4))
+    ax = fig.subplots()
+    for i, key in enumerate(keys):
+        mine = [r for r in rows if (r["part"], r["setting"], r["method"]) == key]
+        for shift, field, colour in ((-0.2, "ground_before", "gray"), (0.2, "ground_after", "tab:blue")):
+            ax.bar(i + shift, np.mean([r[field] or 0 for r in mine]), width=0.4, color=colour,
+                   label=("before RL" if field == "ground_before" else "after RL") if i == 0 else None)
+        ax.plot([i - 0.4, i + 0.4], [np.mean([r["chance"] or 0 for r in mine])] * 2, "k:",
+                label="uniform attention" if i == 0 else None)
+    ax.set_xticks(range(len(keys)), [f"{s}\n{m}" for _, s, m in keys], fontsize=7, rotation=30)
+    ax.set_ylabel("grounding")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "grounding.png"), dpi=100)
+
+    fig = Figure(figsize=(6 * 2, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("accuracy", "attn_jsd")):
+        for key in keys:
+            curves = [[json.loads(line)[metric] for line in open(os.path.join(r["folder"], "metrics.jsonl"))]
+                      for r in rows if (r["part"], r["setting"], r["method"]) == key]
+            length = min(map(len, curves))
+            ax.plot(range(1, length + 1), np.mean([c[:length] for c in curves], 0), label=" ".join(key[1:]))
+        ax.set_xlabel("RL step")
+        ax.set_title(f"{metric} (training rollouts, mean over seeds)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=100)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--parts", default=None, help="comma-separated: core, zero, sizes, lambda, distill (default: "
+                                                  "core; with --quick: all)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
+    ap.add_argument("--out_dir", default="out/study")
+    args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
+    parts = args.parts.split(",") if args.parts else ["core", "zero", "sizes", "lambda", "distill"] if args.quick \
+        else ["core"]
+    seeds = list(range(2 if args.quick and args.seeds == 5 else args.seeds))
+    extra = (QUICK if args.quick else []) + passed
+    out_dir = args.out_dir + ("-quick" if args.quick and args.out_dir == "out/study" else "")
+    os.makedirs(out_dir, exist_ok=True)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # a rank runs whole seeds: the arms of one seed share warm starts, which one process must write
+    todo = [(arm, seed) for seed in seeds if seed % world == rank for arm in arms(parts)]
+    for arm, seed in tqdm(todo, desc=f"arms (rank {rank} of {world})" if world > 1 else "arms", disable=rank != 0):
+        run_arm(out_dir, arm, seed, extra)
+    if world > 1:   # the report once every rank's arms are done: wait for their results.json files
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        text = report(collect(out_dir, arms(parts), seeds), out_dir, "python study.py " + " ".join(argv or sys.argv[1:]))
+        print(text)
+        print(f"report and plots in {out_dir}/")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

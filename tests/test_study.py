@@ -1,0 +1,25 @@
+"""study.py --quick at a toy budget: it runs its arms, writes the table and the plots, the table's numbers are the
+runs' own numbers, and a second call re-runs nothing."""
+import json
+import os
+
+import study
+
+
+def test_quick_study_end_to_end(tmp_path):
+    out = str(tmp_path / "study")
+    argv = ["--quick", "--parts", "core", "--seeds", "1", "--out_dir", out,
+            "--sft_steps=5", "--rl_steps=2", "--eval_n=4", "--max_new_tokens=8"]
+    study.main(argv)
+    for name in ("report.md", "accuracy_vs_tokens.png", "grounding.png", "curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    table = open(os.path.join(out, "report.md")).read()
+    for method in ("grpo", "ral"):
+        results = json.load(open(os.path.join(out, f"core-search-16-{method}-s0", "results.json")))
+        row = next(line for line in table.splitlines() if line.startswith(f"| core | search-16 | {method} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[3] == "1" and cells[4] == f"{100 * results['before_rl']['accuracy']:.1f}"
+        assert cells[5] == f"{100 * results['after_rl']['accuracy']:.1f}"
+    stamp = os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json"))
+    study.main(argv)                                                     # finished arms are never re-run
+    assert os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json")) == stamp
