@@ -278,18 +278,21 @@ def append_responses(batch, responses, pad_id):
 
 
 def concat_batches(batches, pad_id):
-    """Prompt batches (each left-padded) as one: padded on the left to the longest, visual tensors in order."""
+    """Prompt batches (each left-padded) as one: padded on the left to the longest, visual tensors (and cached
+    embeddings) in order; a batch without images (or videos) adds no rows of them."""
     P = max(b["input_ids"].shape[1] for b in batches)
     fill = dict(input_ids=pad_id, attention_mask=0, mm_token_type_ids=0)
     out = {}
-    for k in batches[0]:
+    for k in dict.fromkeys(k for b in batches for k in b):      # every key, in order of appearance
+        have = [b[k] for b in batches if k in b]
         if k in fill:
-            out[k] = torch.cat([F.pad(b[k], (P - b[k].shape[1], 0), value=fill[k]) for b in batches])
+            out[k] = torch.cat([F.pad(v, (P - v.shape[1], 0), value=fill[k]) for v in have])
         elif k == "mm_encoder_outputs":
-            out[k] = {kind: BaseModelOutputWithPooling(pooler_output=sum((b[k][kind].pooler_output for b in batches),
-                                                                           ())) for kind in batches[0][k]}
+            kinds = dict.fromkeys(kind for v in have for kind in v)
+            out[k] = {kind: BaseModelOutputWithPooling(pooler_output=sum((v[kind].pooler_output for v in have
+                                                                          if kind in v), ())) for kind in kinds}
         else:
-            out[k] = torch.cat([b[k] for b in batches])
+            out[k] = torch.cat(have)
     return out
 
 
