@@ -5,16 +5,20 @@ load(name_or_path)  -> model, processor   a hub id or a local folder, through fr
 build_tiny(...)     -> model, processor   a random tiny Qwen2.5-VL with a locally trained tokenizer (offline)
 policy_forward(...)                        one forward -> response log-probs and the attention policy p^t
 
-The capture: every attention layer keeps running SDPA; for the final text layer only, our kernel also computes
-the head-averaged softmax of the response query rows (a B x R x T matrix), drops each token's weight on itself
+The capture: every attention layer keeps running SDPA; the final text layer's kernel also hands its q and k to
+policy_forward, which computes the head-averaged softmax of the response query rows (a B x R x T matrix), drops
+each token's weight on itself
 and renormalizes (Eq. 2). It is exactly eager attention's weights for those rows, differentiable, and the layer's
 output is untouched.
 """
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
@@ -140,14 +144,32 @@ def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
 # ----------------------------------------------------------------------------------------------------------------
 # The attention-policy capture (Eq. 2)
 
-def ral_sdpa(module, query, key, value, attention_mask, capture=None, **kwargs):
-    """SDPA for every layer. When the caller passes capture=dict(rows=R) and this is the last text layer, also put
-    into capture["p"] the attention policy p^t of the last R query rows: head mean, self weight dropped, renormalized.
-    """
+# policy_forward opens a capture (a dict) here; the kernel of the last text layer puts its q, k and mask into it.
+# A module-level slot, not a forward kwarg: FSDP's pre-forward hooks rebuild kwargs, so a dict passed through
+# model(..., capture=d) reaches the kernel as a copy and the caller would see nothing.
+_capture = None
+
+
+@contextmanager
+def capturing():
+    """Inside this block, a forward leaves the last text layer's query (after rotary), key, mask and scaling in the
+    dict it yields; policy_forward turns them into p^t after the forward."""
+    global _capture
+    previous, _capture = _capture, {}
+    try:
+        yield _capture
+    finally:
+        _capture = previous
+
+
+def ral_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA for every layer; inside capturing(), the last text layer also hands over its q and k. p^t is computed
+    from them outside the layer, so an activation-checkpointed layer recomputes exactly what it saved (the slot is
+    closed when backward recomputes the layer, and the capture saves nothing inside it)."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
-        capture["p"] = attention_policy(query, repeat_kv(key, module.num_key_value_groups), attention_mask,
-                                        capture["rows"], kwargs.get("scaling", module.scaling))
+    if _capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
+        _capture.update(query=query, key=key, mask=attention_mask, groups=module.num_key_value_groups,
+                        scaling=kwargs.get("scaling", module.scaling))
     return out
 
 
@@ -293,14 +315,15 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     Returns per-token log-probs of the response tokens (B x R) under the distribution generate samples from
     (softmax(logits / temperature), vision special tokens excluded) and, if asked, the attention policy
     (B x R x T); with full=True also the whole log-softmax over the vocabulary at each response position (B x R x V)."""
-    capture = dict(rows=response_len) if attention else None
-    out = model(**batch, capture=capture, logits_to_keep=response_len + 1, use_cache=False)
+    with capturing() if attention else nullcontext() as c:
+        out = model(**batch, logits_to_keep=response_len + 1, use_cache=False)
     logits = out.logits[:, :-1].float() / temperature          # position t-1 predicts token t
     logits[..., suppressed_tokens(getattr(model, "module", model).config)] = float("-inf")   # DDP wraps the model
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
-    p = capture["p"] if attention else None
+    p = attention_policy(c["query"], repeat_kv(c["key"], c["groups"]), c["mask"], response_len, c["scaling"]) \
+        if attention else None
     return (logp, p, logprobs) if full else (logp, p)
 
 
@@ -333,17 +356,19 @@ class GumbelSampler(LogitsProcessor):
 
 @torch.no_grad()
 def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False, seeds=None):
-    """KV-cache generation (the capture is off: no capture dict is passed) with sampling_config: greedy, or
-    samples from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
+    """KV-cache generation (the capture is off: no capturing() block) with sampling_config: greedy, or samples
+    from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
     generator). Returns response ids B x R, padded after the first <|im_end|>, and the response mask (ones up to
-    and including it)."""
+    and including it). A sharded model (FSDP) generates with synced_gpus: a rank whose responses ended keeps
+    stepping, since every forward gathers weights from all ranks."""
     tok = processor.tokenizer
     extra = []
     if not greedy:
         seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
         extra = [GumbelSampler(temperature, [torch.Generator().manual_seed(int(s)) for s in seeds])]
+    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
     out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens),
-                         logits_processor=LogitsProcessorList(extra))
+                         logits_processor=LogitsProcessorList(extra), synced_gpus=sharded)
     response = out[:, batch["input_ids"].shape[1]:]
     ended = (response == tok.eos_token_id).long().cumsum(1)
     mask = (ended == 0) | ((ended == 1) & (response == tok.eos_token_id))

@@ -4,6 +4,7 @@ Reinforced Attention Learning: GRPO on tokens plus an advantage-weighted JSD on 
     python ral.py                                   # tiny offline default: SFT warm start, then RL, on CPU
     python ral.py config/qwen7b_8gpu.py --algo=grpo # a preset, then overrides
     torchrun --nproc_per_node=8 ral.py config/qwen7b_8gpu.py
+    torchrun --nproc_per_node=8 ral.py config/qwen7b_8gpu.py --fsdp=True   # shard what does not fit (FSDP2)
     python ral.py --help                            # every option, its default and its meaning
 
 The math (jsd, group_advantages, token_loss, attention_loss) is pure functions at the top; importing this file
@@ -20,6 +21,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
@@ -134,6 +140,8 @@ OPTIONS = dict(   # name: (default, meaning)
     compute_dtype=("auto", "forward/backward compute: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bfloat16' (autocast"
                            " on CPU too), 'float32'; the attention policy is always float32"),
     grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
+    fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the vision tower, the root) under torchrun, for "
+                 "models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP (a full replica)"),
     resume=(False, "continue exactly from out_dir/ckpt (it must exist)"),
     wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
     wandb_project=("ral", "the wandb project"),
@@ -346,7 +354,9 @@ def rl_loss(clip_eps, beta, lambda_attn, temperature=1.0):
 def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world):
     """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches and
     divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step."""
-    params = [w for w in model.parameters() if w.requires_grad]
+    # the optimizer's parameters: after a no_grad forward FSDP leaves the root unsharded, and model.parameters()
+    # would then list plain tensors that never get a gradient instead of the sharded ones
+    params = [w for group in optimizer.param_groups for w in group["params"]]
     records = []
     for _ in range(epochs):
         for k in range(mini_batches):
@@ -357,13 +367,14 @@ def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_
             optimizer.zero_grad(set_to_none=True)
             record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), opt_steps=1)
             for j, mb in enumerate(mbs):
-                sync = j == len(mbs) - 1 or world == 1
-                with nullcontext() if sync else model.no_sync():
+                sync = j == len(mbs) - 1 or world == 1 or not hasattr(model, "no_sync")  # FSDP reduce-scatters
+                with nullcontext() if sync else model.no_sync():          # each micro-batch's into its shards
                     loss, s = loss_fn(model, mb, n_tokens)
                     (loss * world).backward()     # DDP averages gradients over ranks; the loss is a global sum
                 for key, v in dict(s, loss=loss.item() * n_tokens.item()).items():
                     record[key] = record.get(key, 0.0) + v
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            record["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
             optimizer.step()
             records.append(record)
     return records
@@ -399,13 +410,22 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: a save_pretrained folder plus trainer_state.pt (written last), swapped in by renames.
 
-def save_checkpoint(path, model, processor, optimizer, state):
+def save_checkpoint(path, model, processor, optimizer, state, rank=0):
+    """Every rank calls it; rank 0 writes. A sharded (FSDP) model's weights and optimizer state are first gathered
+    into full state dicts on rank 0's CPU (a collective), so the folder is the same as an unsharded run's."""
+    weights, optim = None, optimizer.state_dict() if optimizer else None
+    if isinstance(model, FSDPModule):
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=full)
+        optim = get_optimizer_state_dict(model, optimizer, options=full) if optimizer else None  # keyed by name
+    if rank != 0:
+        return
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(dict(state, optimizer=optimizer.state_dict() if optimizer else None, rng=rng),
+    torch.save(dict(state, optimizer=optim, rng=rng),
                os.path.join(tmp, "trainer_state.pt"))
     if os.path.exists(path):
         os.replace(path, old)
@@ -445,6 +465,8 @@ def memory_report(model, world, fsdp=False, reference=True):
 def setup_distributed(cfg):
     """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPU. Otherwise a single process."""
     ddp = "RANK" in os.environ
+    if cfg["fsdp"] and not ddp:
+        raise UsageError("--fsdp=True shards over torchrun's ranks: torchrun --nproc_per_node=N ral.py ...")
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -456,6 +478,27 @@ def setup_distributed(cfg):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def wrap(model, cfg, world, device):
+    """The model as trained on `world` ranks: itself alone; DDP (a full replica per rank, gradients all-reduced) by
+    default; with --fsdp=True, FSDP2 in place: each decoder layer, the vision tower and the root (embeddings, norm,
+    head) become units whose fp32 weights, gradients and AdamW state are sharded over the ranks and gathered one
+    unit at a time for each forward and backward. The vision tower is its own unit so generate never mixes plain
+    tensors and shards. On GPU the gathered weights are bf16 and gradients reduce in fp32."""
+    if not cfg["fsdp"]:
+        # gradient_as_bucket_view: DDP's buckets are the gradients, not a second copy of them
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    bf16 = device.startswith("cuda")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+    for unit in [model.model.visual, *model.model.language_model.layers, model]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    # generate encodes images before the first root forward; FSDP must set up from the root (else: "already lazily
+    # initialized for model.visual"), and torch has no public call for that yet
+    model._get_fsdp_state()._lazy_init()
+    return model
 
 
 def read_samples(path):
@@ -536,10 +579,11 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
     if cfg["sft_steps"]:
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))
-        sft(torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model, processor,
-            sft_samples, cfg, mode, device, rank, world)
+        model = wrap(model, cfg, world, device)
+        sft(model, processor, sft_samples, cfg, mode, device, rank, world)
+        model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
+    save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
     if rank == 0:
-        save_checkpoint(path, model, processor, None, dict(stage="sft"))
         evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
         print(f"warm start saved to {path}")
     if world > 1:
@@ -563,17 +607,20 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     model, processor = load(recover_checkpoint(ckpt) if cfg["resume"] else start, device, getattr(torch, cfg["dtype"]))
     ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
     if rank == 0:
-        print(memory_report(model, world, reference=ref_model is not None))
+        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
+    train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
     optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg["weight_decay"])
-    train_model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 \
-        else model
     step, results = 0, {}
     if cfg["resume"]:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg["fsdp"]:     # the full state dict rank 0 saved; each rank keeps its own shard of it
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         step, results = state["step"], json.loads(state["results"])
     if rank == 0:
@@ -587,10 +634,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
                          resume="allow")
 
-    def evaluate(tag):   # every rank scores its share of the held-out samples
-        if held_out:
+    def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
+        if held_out:     # every rank in step, so under FSDP each rank runs them all
+            share = dict(rank=0, world=1) if cfg["fsdp"] else dict(rank=rank, world=world)
             r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn, rank=rank, world=world)
+                                    reward_fn=reward_fn, **share)
             results[tag] = r
             if rank == 0:
                 print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -632,9 +680,8 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and step + 1 < cfg["rl_steps"]:
             evaluate(f"step_{step + 1}")
         if (step + 1) % cfg["ckpt_every"] == 0 or step + 1 == cfg["rl_steps"]:
-            if rank == 0:
-                save_checkpoint(ckpt, model, processor, optimizer,
-                                dict(step=step + 1, results=json.dumps(results), ref_from=start))
+            save_checkpoint(ckpt, model, processor, optimizer,
+                            dict(step=step + 1, results=json.dumps(results), ref_from=start), rank)
             if world > 1:
                 dist.barrier()
     evaluate("after_rl")
@@ -650,7 +697,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         print(f"results, curves and samples in {out}/, checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
         if run is not None:
             run.finish()
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return results
 

@@ -83,7 +83,8 @@ def test_logits_unchanged_and_logprobs_match(tiny):
         model.set_attn_implementation("sdpa")
         plain = model(**batch, use_cache=False).logits
         model.set_attn_implementation("ral_sdpa")
-        captured = model(**batch, capture=dict(rows=R), use_cache=False).logits
+        with M.capturing():
+            captured = model(**batch, use_cache=False).logits
     assert torch.equal(plain, captured)
     plain[..., M.suppressed_tokens(model.config)] = float("-inf")    # never sampled: outside the distribution
     ref = torch.gather(plain[:, -R - 1:-1].log_softmax(-1), 2, batch["input_ids"][:, -R:, None]).squeeze(-1)
