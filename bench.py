@@ -38,6 +38,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import data
+import eval as evaluation
 import ral
 from model import build_tiny, policy_forward, training_memory
 
@@ -340,8 +341,7 @@ def main(argv=None):
     results["env"]["load_avg_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        evaluation.write_json(results, args.out)
     return results
 
 

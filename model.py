@@ -342,16 +342,19 @@ def sampling_config(model, max_new_tokens):
 
 class GumbelSampler(LogitsProcessor):
     """Sampling from softmax(scores / T) by the Gumbel-max trick: argmax(scores / T + Gumbel noise) is an exact
-    draw, and greedy decoding takes it. Each row draws its noise from its own generator, so a sequence's sample
-    does not depend on which other sequences share its generate call (batched rollouts = one at a time)."""
+    draw, and greedy decoding takes it. Each row draws its noise from its own generator (made on the scores'
+    device at the first step), so a sequence's sample does not depend on which other sequences share its generate
+    call (batched rollouts = one at a time)."""
 
-    def __init__(self, temperature, generators):
-        self.temperature, self.generators = temperature, generators
+    def __init__(self, temperature, seeds):
+        self.temperature, self.seeds, self.generators = temperature, [int(s) for s in seeds], None
 
     def __call__(self, input_ids, scores):
-        u = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
-        return scores.float() / self.temperature + gumbel.to(scores.device, torch.float32)
+        if self.generators is None:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+        return scores.float() / self.temperature + gumbel
 
 
 @torch.no_grad()
@@ -365,7 +368,7 @@ def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=Fa
     extra = []
     if not greedy:
         seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
-        extra = [GumbelSampler(temperature, [torch.Generator().manual_seed(int(s)) for s in seeds])]
+        extra = [GumbelSampler(temperature, seeds)]
     sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
     out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens),
                          logits_processor=LogitsProcessorList(extra), synced_gpus=sharded)

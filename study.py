@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -193,7 +194,6 @@ def main(argv=None):
     for arm, seed in tqdm(todo, desc=f"arms (rank {rank} of {world})" if world > 1 else "arms", disable=rank != 0):
         run_arm(out_dir, arm, seed, extra)
     if world > 1:   # the report once every rank's arms are done: wait for their results.json files
-        import torch.distributed as dist
         dist.init_process_group("gloo")
         dist.barrier()
         dist.destroy_process_group()

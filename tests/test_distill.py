@@ -12,7 +12,7 @@ import data
 import distill
 import ral
 from helpers import spread_reward
-from model import Processor, build_tiny, build_tokenizer, policy_forward
+from model import Processor, build_tiny, build_tokenizer, load, policy_forward
 
 SMALL = ["--sft_steps=0", "--teacher_sft_steps=0", "--teacher_layers=2", "--tiny_layers=1", "--tiny_hidden=64",
          "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=6", "--eval_n=2", "--task_tokens=16",
@@ -176,7 +176,6 @@ def test_run_logs_checkpoints_and_resumes(tmp_path):
 
 
 def saved_params(run):
-    from model import load
     return {k: v.clone() for k, v in load(str(run / "ckpt"))[0].state_dict().items()}
 
 

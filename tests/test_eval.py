@@ -3,6 +3,8 @@ a JSONL benchmark end to end, and the comparison table."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -297,8 +299,6 @@ dist.destroy_process_group()
 
 def test_sharded_evaluation_equals_one_process(tmp_path):
     """2 gloo ranks each score their share (4 and 3 of 7 samples); both return exactly the 1-process result."""
-    import subprocess
-    import sys
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      out=str(tmp_path)))

@@ -6,7 +6,10 @@ import json
 import linecache
 import os
 
+import matplotlib
+import matplotlib.pyplot as plt
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
@@ -28,10 +31,7 @@ def test_notebook_is_clean_nbformat4(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, monkeypatch):
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
     threads = torch.get_num_threads()
     nb = json.load(open(path, encoding="utf-8"))
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]

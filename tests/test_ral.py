@@ -11,7 +11,7 @@ import torch
 import data
 import ral
 from helpers import spread_reward
-from model import build_tiny
+from model import build_tiny, load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--sft_steps=0", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=6", "--eval_n=4",
@@ -19,7 +19,6 @@ SMALL = ["--sft_steps=0", "--prompts_per_step=2", "--group_size=4", "--max_new_t
 
 
 def params_of(folder):
-    from model import load
     return {k: v.clone() for k, v in load(folder)[0].state_dict().items()}
 
 
