@@ -10,6 +10,7 @@ Reinforced Attention Learning: GRPO on tokens plus an advantage-weighted JSD on 
 The math (jsd, group_advantages, token_loss, attention_loss) is pure functions at the top; importing this file
 starts nothing. Equation numbers refer to docs/METHOD.md.
 """
+import gc
 import hashlib
 import json
 import math
@@ -698,6 +699,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         if run is not None:
             run.finish()
     if dist.is_initialized():
+        # tear down in order: every rank done, the DDP wrapper (its reducer holds the process group) freed, then
+        # the group; a rank that tore down while the other still held DDP was seen to hang at exit
+        dist.barrier()
+        del train_model
+        gc.collect()
         dist.destroy_process_group()
     return results
 
