@@ -127,6 +127,7 @@ OPTIONS = dict(   # name: (default, meaning)
     temperature=(1.0, "rollout sampling temperature: plain sampling from softmax(logits / T), and the loss's "
                       "log-probs use the same T"),
     lr=(5e-5, "RL learning rate (AdamW)"),
+    warmup=(0, "RL steps over which the lr rises linearly to --lr (Adam's first steps move every weight by ~lr)"),
     weight_decay=(0.0, "AdamW weight decay (SFT and RL)"),
     grad_clip=(1.0, "gradient-norm clip (SFT and RL)"),
     clip_eps=(0.2, "PPO ratio clip of Eq. 1"),
@@ -179,7 +180,7 @@ def check(cfg):
     for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
-                "rl_epochs", "lambda_attn"):
+                "warmup", "rl_epochs", "lambda_attn"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
@@ -737,6 +738,8 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
                                                                step, rank * per_rank, device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
+            for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state
+                group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
             t1 = time.time()
             records = update(train_model, optimizer, micro_batches, loss_fn, cfg["mini_batches"], cfg["epochs"],
                              cfg["grad_clip"], world)
