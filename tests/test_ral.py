@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -111,6 +112,68 @@ def test_an_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert ral.recover_checkpoint(ckpt) == ckpt
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 2
     assert not os.path.exists(ckpt + ".tmp")
+
+
+KILLED = """
+import os, signal, sys, torch
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import ral
+from helpers import spread_reward
+left, step = int(os.environ.get("KILL_AFTER", "0")), torch.optim.AdamW.step
+def step_then_die(self, *args, **kwargs):      # kill -9 right after the KILL_AFTER-th optimizer step (SFT or RL)
+    global left
+    out = step(self, *args, **kwargs)
+    left -= 1
+    if left == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+torch.optim.AdamW.step = step_then_die
+ral.main(sys.argv[1:], reward_fn=spread_reward)
+"""
+# 4 SFT steps (checkpoints every 2), then 4 RL steps of 2 optimizer steps each (checkpoints every 2): 12 in all
+CRASH = [a for a in SMALL if not a.startswith(("--sft_steps", "--eval_n"))] + [
+    "--sft_steps=4", "--sft_batch=2", "--sft_ckpt_every=2", "--tiny_layers=1", "--tiny_hidden=64", "--eval_n=0",
+    "--rl_steps=4", "--ckpt_every=2"]
+
+
+def run_killed(folder, args, kill_after=0, world=1):
+    folder.mkdir(exist_ok=True)
+    (folder / "run.py").write_text(KILLED.format(root=ROOT))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] \
+        if world > 1 else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1", KILL_AFTER=str(kill_after))
+    proc = subprocess.run(launcher + [str(folder / "run.py"), f"--out_dir={folder / 'run'}", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert (proc.returncode != 0) == (kill_after > 0), proc.stderr[-3000:]
+
+
+def without_times(path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("whole")
+    run_killed(folder, CRASH)
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_a_kill_at_a_random_point_then_resume_continues_exactly(uninterrupted, tmp_path, stage):
+    """kill -9 after a seeded random number of optimizer steps (SFT's 1-4, or RL's 5-11; before the first
+    checkpoint too), then the same command with --resume=True: the warm start, the final weights and metrics.jsonl
+    (its rows after the checkpoint cut away) equal an uninterrupted run's."""
+    kill_after = random.Random(stage).randint(*(1, 4) if stage == "sft" else (5, 11))
+    run_killed(tmp_path, CRASH, kill_after)
+    finished = list(tmp_path.glob("warm-*[!l]/config.json"))        # the warm start, not its .partial
+    assert bool(finished) == (stage == "rl")
+    run_killed(tmp_path, [*CRASH, "--resume=True"])
+    for name in ("warm-*[!l]", "run/ckpt"):          # the warm start, then RL's last checkpoint
+        (a,), (b,) = uninterrupted.glob(name), tmp_path.glob(name)
+        a, b = params_of(str(a)), params_of(str(b))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert without_times(tmp_path / "run" / "metrics.jsonl") == without_times(uninterrupted / "run" / "metrics.jsonl")
+    assert not list(tmp_path.glob("warm-*.partial*"))                    # cleaned up once SFT is done
 
 
 WRAPPER = """
