@@ -181,8 +181,8 @@ def check(cfg):
          f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
     for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
-    for key in ("sft_steps", "sft_ckpt_every", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
-                "rl_epochs", "lambda_attn"):
+    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
+                "rl_epochs", "lambda_attn", "sft_ckpt_every"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
