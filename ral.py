@@ -583,10 +583,15 @@ def wrap(model, cfg, world, device):
     if not cfg["fsdp"]:
         # gradient_as_bucket_view: DDP's buckets are the gradients, not a second copy of them
         return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
-    mesh = init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+    return shard(model, world, device, MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                            reduce_dtype=torch.float32 if bf16 else None))
+
+
+def shard(model, world, device, policy=MixedPrecisionPolicy()):
+    """FSDP2 in place, unit by unit (wrap's policy; the frozen reference too: it needs no optimizer, and every
+    rank runs the same number of its forwards, so their all-gathers stay in step)."""
+    mesh = init_device_mesh(device.split(":")[0], (world,))
     for unit in [model.model.visual, *model.model.language_model.layers, model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     # generate encodes images before the first root forward; FSDP must set up from the root (else: "already lazily
@@ -722,6 +727,8 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
     model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
     ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
+    if ref_model is not None and cfg["fsdp"]:
+        shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
     if rank == 0:
         print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
     if cfg["grad_checkpointing"]:
