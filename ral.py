@@ -833,9 +833,9 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
 def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
     rank, world, device = setup_distributed(cfg)
-    if rank == 0:   # first, so --resume=True knows a run killed before its first checkpoint (train writes it again)
-        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
+    if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
+        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
