@@ -156,6 +156,8 @@ def main(argv, reward_fn=data.reward):
         raise UsageError("--mu and --gamma_attn must be >= 0")
     rank, world, device = ral.setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = ral.load_samples(cfg, rank, world)
+    if rank == 0:   # before SFT, as ral.main: --resume=True then knows a run killed before its first checkpoint
+        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     mode = "zero" if cfg["zero"] else "think"
     teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None

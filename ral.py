@@ -140,6 +140,8 @@ OPTIONS = dict(   # name: (default, meaning)
     eval_n=(128, "held-out samples (0: no evaluation)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
+    sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
+                         "finds one of its recipe continues SFT from it exactly"),
     log_samples=(2, "responses per step written to samples.jsonl"),
     seed=(0, "seed of the tiny model, the tasks, SFT order and every rollout"),
     device=("auto", "'auto' (cuda:LOCAL_RANK if there is a GPU, else cpu), 'cpu', 'cuda:0', ..."),
@@ -150,7 +152,8 @@ OPTIONS = dict(   # name: (default, meaning)
     grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
     fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the vision tower, the root) under torchrun, for "
                  "models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP (a full replica)"),
-    resume=(False, "continue exactly from out_dir/ckpt (it must exist)"),
+    resume=(False, "continue exactly from out_dir/ckpt (a run killed before its first RL checkpoint starts RL over;"
+                   " SFT continues from its own checkpoint in any case)"),
     wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
     wandb_project=("ral", "the wandb project"),
 )
@@ -180,7 +183,7 @@ def check(cfg):
     for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
-                "warmup", "rl_epochs", "lambda_attn"):
+                "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
@@ -196,7 +199,8 @@ def check(cfg):
     need(os.path.isdir(folder) and os.access(folder, os.W_OK), f"--out_dir: cannot write to {cfg['out_dir']}")
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
     need(not cfg["resume"] or any(os.path.exists(os.path.join(c, "trainer_state.pt"))
-                                  for c in (ckpt, ckpt + ".tmp", ckpt + ".old")),
+                                  for c in (ckpt, ckpt + ".tmp", ckpt + ".old"))
+         or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
     need(cfg["task"] == "search" or (cfg["train_size"] and cfg["sft_size"]),
@@ -263,9 +267,11 @@ def sampled_accuracy(model, processor, samples, cfg, mode, check):
     return sum(hits) / len(hits)
 
 
-def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
+def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None):
     """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
-    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks."""
+    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks.
+    ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
+    model already holds its weights)."""
     tok = processor.tokenizer
     params = [w for w in model.parameters() if w.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
@@ -273,8 +279,12 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
     val = data.search_task(cfg["sft_val_n"], seed=VAL_SEED, tokens=cfg["task_tokens"]) if cfg["sft_stop"] else None
-    raw, log = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[])
-    bar = tqdm(range(cfg["sft_steps"]), desc="sft", disable=rank != 0)
+    raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
+    if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
+        load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
+        g.set_state(state["sampler"])
+        first, log = state["step"], json.loads(state["log"])
+    bar = tqdm(range(first, cfg["sft_steps"]), desc="sft", disable=rank != 0, initial=first, total=cfg["sft_steps"])
     for step in bar:
         if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
             raw.eval()
@@ -313,6 +323,10 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         bar.set_postfix(loss=f"{loss:.3f}")
+        if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < cfg["sft_steps"]:
+            save_checkpoint(ckpt, raw, processor, opt, dict(stage="sft", step=step + 1, sampler=g.get_state(),
+                                                            log=json.dumps(log), recipe=json.dumps(warm_recipe(cfg))),
+                            rank)
     if rank == 0 and cfg["sft_stop"]:
         stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
         print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
@@ -511,6 +525,22 @@ def recover_checkpoint(path):
     return path
 
 
+def newest_checkpoint(path, rank=0, world=1):
+    """path once rank 0 has recovered an interrupted swap (the others wait, so no two ranks rename), else None."""
+    if rank == 0:
+        recover_checkpoint(path)
+    if world > 1:
+        dist.barrier()
+    return path if os.path.exists(os.path.join(path, "trainer_state.pt")) else None
+
+
+def load_optimizer(model, optimizer, saved, fsdp):
+    if fsdp:     # the full state dict rank 0 saved; each rank keeps its own shard of it
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer, as plain steps: configure, setup_distributed, load_samples, warm_start, train. main runs them.
 
@@ -554,10 +584,15 @@ def wrap(model, cfg, world, device):
     if not cfg["fsdp"]:
         # gradient_as_bucket_view: DDP's buckets are the gradients, not a second copy of them
         return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
-    mesh = init_device_mesh(device.split(":")[0], (world,))
     bf16 = device.startswith("cuda")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+    return shard(model, world, device, MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                                            reduce_dtype=torch.float32 if bf16 else None))
+
+
+def shard(model, world, device, policy=MixedPrecisionPolicy()):
+    """FSDP2 in place, unit by unit (wrap's policy; the frozen reference too: it needs no optimizer, and every
+    rank runs the same number of its forwards, so their all-gathers stay in step)."""
+    mesh = init_device_mesh(device.split(":")[0], (world,))
     for unit in [model.model.visual, *model.model.language_model.layers, model]:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     # generate encodes images before the first root forward; FSDP must set up from the root (else: "already lazily
@@ -629,7 +664,8 @@ def warm_path(cfg, recipe):
 def warm_start(cfg, sft_samples, mode, device, rank, world):
     """The RL starting point, as a folder: the SFT checkpoint of this recipe if it exists, else build or load the
     model, run SFT (sft_steps > 0) and save it there with its recipe. A real checkpoint with sft_steps=0 is used
-    as it is."""
+    as it is. SFT checkpoints into path.partial (no config.json at path until SFT is done) and continues from one
+    of the same recipe by itself: SFT is a function of its recipe, so continuing gives what starting over would."""
     if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
         return cfg["init_from"]
     recipe = warm_recipe(cfg)
@@ -642,22 +678,34 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
         if rank == 0:
             print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={recipe[k]}' for k in WARM_KEYS)})")
         return path
-    if cfg["init_from"] == "tiny":
+    partial, state = path + ".partial", None
+    if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):
+        state = torch.load(os.path.join(partial, "trainer_state.pt"), map_location=device, weights_only=True)
+        state = state if json.loads(state["recipe"]) == recipe else None      # another recipe's: start over
+        if rank == 0:
+            print(f"continuing SFT from {partial} at step {state['step']}" if state else f"ignoring {partial}: "
+                  "another recipe's")
+    dtype = torch.float32 if cfg["init_from"] == "tiny" else getattr(torch, cfg["dtype"])     # as build_tiny's
+    if state:
+        model, processor = load(partial, device, dtype)
+    elif cfg["init_from"] == "tiny":
         model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
         model.to(device)
     else:
-        model, processor = load(cfg["init_from"], device, getattr(torch, cfg["dtype"]))
+        model, processor = load(cfg["init_from"], device, dtype)
     if cfg["sft_steps"]:
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))
         model = wrap(model, cfg, world, device)
-        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world)
+        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world, partial, state)
         model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
     save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
     if rank == 0:
         evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
         if cfg["sft_steps"]:
             evaluation.write_json(log, os.path.join(path, "sft_log.json"))
+        for folder in (partial, partial + ".tmp", partial + ".old"):
+            shutil.rmtree(folder, ignore_errors=True)
         print(f"warm start saved to {path}")
     if world > 1:
         dist.barrier()
@@ -677,8 +725,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     t_start = time.time()
     torch.manual_seed(cfg["seed"] + rank)
     autocast = compute(cfg, device)
-    model, processor = load(recover_checkpoint(ckpt) if cfg["resume"] else start, device, getattr(torch, cfg["dtype"]))
+    resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
+    model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
     ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
+    if ref_model is not None and cfg["fsdp"]:
+        shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
     if rank == 0:
         print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
     if cfg["grad_checkpointing"]:
@@ -687,18 +738,14 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg["weight_decay"])
     step, results = 0, {}
-    if cfg["resume"]:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
+    if resume:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
-        if cfg["fsdp"]:     # the full state dict rank 0 saved; each rank keeps its own shard of it
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         step, results = state["step"], json.loads(state["results"])
     if rank == 0:
         for path in (metrics_path, samples_path):
-            rows = open(path).readlines() if cfg["resume"] and os.path.exists(path) else []
+            rows = open(path).readlines() if resume and os.path.exists(path) else []
             with open(path, "w") as f:
                 f.writelines(r for r in rows if json.loads(r)["step"] <= step)
     run = None
@@ -790,6 +837,8 @@ def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
     rank, world, device = setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
+    if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
+        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,

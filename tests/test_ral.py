@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -111,6 +112,74 @@ def test_an_interrupted_checkpoint_swap_is_recovered(tmp_path):
     assert ral.recover_checkpoint(ckpt) == ckpt
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 2
     assert not os.path.exists(ckpt + ".tmp")
+
+
+KILLED = """
+import os, signal, sys, torch
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+import ral
+from helpers import spread_reward
+left, step = int(os.environ.get("KILL_AFTER", "0")), torch.optim.AdamW.step
+def step_then_die(self, *args, **kwargs):      # kill -9 right after the KILL_AFTER-th optimizer step (SFT or RL)
+    global left
+    out = step(self, *args, **kwargs)
+    left -= 1
+    if left == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+torch.optim.AdamW.step = step_then_die
+ral.main(sys.argv[1:], reward_fn=spread_reward)
+"""
+# 4 SFT steps (checkpoints every 2), then 4 RL steps of 2 optimizer steps each (checkpoints every 2): 12 in all
+CRASH = [a for a in SMALL if not a.startswith(("--sft_steps", "--eval_n"))] + [
+    "--sft_steps=4", "--sft_batch=2", "--sft_ckpt_every=2", "--tiny_layers=1", "--tiny_hidden=64", "--eval_n=0",
+    "--rl_steps=4", "--ckpt_every=2", "--sft_size=8"]
+
+
+def run_killed(folder, args, kill_after):
+    """The run as a command, killed with SIGKILL right after its kill_after-th optimizer step."""
+    (folder / "run.py").write_text(KILLED.format(root=ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", KILL_AFTER=str(kill_after))
+    proc = subprocess.run([sys.executable, str(folder / "run.py"), f"--out_dir={folder / 'run'}", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+
+
+def run_here(folder, args):
+    """The same run in this process, on one thread as the command runs (results differ bit-wise between thread
+    counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ral.main([f"--out_dir={folder / 'run'}", *args], reward_fn=spread_reward)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def without_times(path):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_")} for line in open(path)]
+
+
+def test_kills_at_random_points_then_resume_continues_exactly(tmp_path):
+    """kill -9 after a seeded random number of SFT steps (1-4; SFT checkpoints every 2), then --resume=True killed
+    again after a random number of RL optimizer steps (1-7; RL checkpoints every 2 steps of 2), then --resume=True
+    to the end: the warm start, the final weights and metrics.jsonl (rows after the checkpoint cut away) equal an
+    uninterrupted run's. Wherever a kill lands, before a stage's first checkpoint too, this must hold."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole.mkdir(), split.mkdir()
+    run_here(whole, CRASH)
+    draw = random.Random(0)         # SFT killed after step 4 (checkpoint at 2), RL in step 4 (checkpoint at 2)
+    run_killed(split, CRASH, draw.randint(1, 4))
+    assert not list(split.glob("warm-*[!l]/config.json"))            # no warm start yet (only its .partial)
+    sft_left = 2 if list(split.glob("warm-*.partial")) else 4        # SFT's checkpoint at step 2, or none yet
+    run_killed(split, [*CRASH, "--resume=True"], sft_left + draw.randint(1, 7))
+    assert list(split.glob("warm-*[!l]/config.json")) and not list(split.glob("warm-*.partial*"))
+    run_here(split, [*CRASH, "--resume=True"])
+    for name in ("warm-*[!l]", "run/ckpt"):          # the warm start (not its .partial), then RL's last checkpoint
+        (a,), (b,) = whole.glob(name), split.glob(name)
+        a, b = params_of(str(a)), params_of(str(b))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert without_times(split / "run" / "metrics.jsonl") == without_times(whole / "run" / "metrics.jsonl")
 
 
 WRAPPER = """
