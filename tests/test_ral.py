@@ -286,6 +286,15 @@ def test_an_endless_run_draws_fresh_prompts(tmp_path):
     assert asked == [stream(0, 1)[0]["id"], stream(2, 1)[0]["id"]]      # step s starts at s * prompts_per_step
 
 
+def test_warmup_raises_the_lr_linearly(tmp_path, monkeypatch):
+    seen, real = [], ral.update
+    monkeypatch.setattr(ral, "update", lambda model, optimizer, *args: seen.append(optimizer.param_groups[0]["lr"])
+                        or real(model, optimizer, *args))
+    ral.main([f"--out_dir={tmp_path / 'w'}", "--rl_steps=3", *SMALL, "--warmup=4", "--eval_n=0"],
+             reward_fn=spread_reward)
+    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4])          # --lr=1e-3 times (step + 1) / 4
+
+
 def test_sft_stops_at_the_first_check_that_samples_the_target(monkeypatch):
     """sft_stop: validation every sft_val_every steps; the first sampled accuracy >= the target ends SFT there."""
     seen = iter([0.1, 0.3, 0.5, 0.9])
