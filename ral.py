@@ -97,19 +97,20 @@ OPTIONS = dict(   # name: (default, meaning)
     tiny_layers=(4, "decoder layers of the tiny model"),
     tiny_hidden=(128, "hidden size of the tiny model"),
     algo=("ral", "'ral' (Eq. 4) or 'grpo' (the same with lambda_attn = 0)"),
-    zero=(False, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward"),
+    zero=(True, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward (False: the "
+                "paper's <think> format; the tiny default answers directly, see README)"),
     task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
     task_frames=(8, "frames per video (video task)"),
-    train_size=(2048, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
-    sft_size=(2048, "offline SFT samples (0: an endless stream, fresh every step); equal to train_size: the same set"),
+    train_size=(0, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
+    sft_size=(0, "offline SFT samples (0: an endless stream, fresh every step); equal to train_size: the same set"),
     sft_file=("", "SFT data set (data.py's Video-R1 layout, JSON or JSONL) instead of the offline task"),
     train_file=("", "RL prompts (same layout) instead of the offline task"),
     eval_file=("", "held-out set (same layout) instead of the offline suite"),
     sft_steps=(1500, "stage 1: supervised warm-start steps (0: start RL from init_from as it is)"),
     sft_batch=(16, "SFT sequences per step, over all ranks"),
-    sft_lr=(2e-3, "SFT peak learning rate (20 warmup steps, then cosine)"),
-    sft_stop=(0.0, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
+    sft_lr=(5e-4, "SFT peak learning rate (20 warmup steps, then cosine)"),
+    sft_stop=(0.4, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
                    "reaches this, so the warm start lands at a chosen competence whatever the seed"),
     sft_val_every=(25, "SFT steps between validation checks (with sft_stop)"),
     sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's)"),
@@ -117,7 +118,7 @@ OPTIONS = dict(   # name: (default, meaning)
     rl_steps=(60, "stage 2: RL steps (one rollout each)"),
     rl_epochs=(0.0, "if > 0: RL passes over the prompts instead of rl_steps (steps = epochs x prompts / "
                     "prompts_per_step, rounded up)"),
-    prompts_per_step=(8, "prompts per RL step over all ranks (each gets group_size responses)"),
+    prompts_per_step=(16, "prompts per RL step over all ranks (each gets group_size responses)"),
     group_size=(8, "G: responses per prompt (Eq. 8 normalizes within a group)"),
     max_new_tokens=(48, "longest response, in tokens"),
     vision_cache=(True, "encode each prompt's image or video once per step and reuse it in every forward (exact: "
@@ -126,7 +127,7 @@ OPTIONS = dict(   # name: (default, meaning)
                        "of a rank's prompts x group_size in one call"),
     temperature=(1.0, "rollout sampling temperature: plain sampling from softmax(logits / T), and the loss's "
                       "log-probs use the same T"),
-    lr=(5e-5, "RL learning rate (AdamW)"),
+    lr=(2e-4, "RL learning rate (AdamW)"),
     warmup=(0, "RL steps over which the lr rises linearly to --lr (Adam's first steps move every weight by ~lr)"),
     weight_decay=(0.0, "AdamW weight decay (SFT and RL)"),
     grad_clip=(1.0, "gradient-norm clip (SFT and RL)"),
@@ -137,7 +138,7 @@ OPTIONS = dict(   # name: (default, meaning)
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(128, "held-out samples (0: no evaluation)"),
+    eval_n=(256, "held-out samples (0: no evaluation)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "

@@ -4,12 +4,13 @@ tasks, with seeds and intervals.
 
     python study.py --quick                      # every part at a toy budget, 2 seeds: a few minutes
     python study.py                              # the core comparison: RAL vs GRPO, 5 seeds (about an hour, 2 cores)
-    python study.py --parts core,zero,sizes,lambda,distill      # the whole study (a few hours)
+    python study.py --parts core,think,sizes,lambda,distill     # the whole study (a few hours)
     python study.py --seeds 3 --rl_steps=40      # any other --key=value is passed to every arm
     torchrun --nproc_per_node=4 study.py --parts ...            # arms split over ranks (or machines)
 
-Parts: core (RAL vs GRPO), zero (RAL-zero vs GRPO-zero), sizes (the lead as visual tokens grow: search at 64 and
-256 tokens, video needle at 4 and 8 frames), lambda (lambda_attn 10 and 100, and 4 mini-batches x 2 epochs so the
+Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the
+paper's <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4
+and 8 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and 4 mini-batches x 2 epochs so the
 policy drifts within a rollout), distill (KD + attention distillation vs KD). Every arm is one `python ral.py` (or
 `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms of the same task;
 an arm whose results.json exists is never re-run, so an interrupted study resumes. The report is written from the
@@ -30,8 +31,8 @@ from tqdm import tqdm
 import eval as evaluation
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-QUICK = ["--sft_steps=40", "--rl_steps=3", "--eval_n=16", "--prompts_per_step=2", "--group_size=4",
-         "--max_new_tokens=24", "--train_size=64"]
+QUICK = ["--sft_steps=40", "--sft_val_every=20", "--sft_val_n=8", "--rl_steps=3", "--eval_n=16",
+         "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=24", "--train_size=64", "--sft_size=64"]
 
 
 def arms(parts):
@@ -41,13 +42,14 @@ def arms(parts):
         (part, setting, "grpo" + suffix, "ral.py", ["--algo=grpo", *extra]), (part, setting, "ral" + suffix, "ral.py", extra)]
     if "core" in parts:
         out += pair("core", "search-16", [])
-    if "zero" in parts:
-        out += pair("zero", "search-16", ["--zero=True"], "-zero")
+    if "think" in parts:
+        out += pair("think", "search-16", ["--zero=False"], "-think")
     if "sizes" in parts:
         for tokens in (64, 256):
             out += pair("sizes", f"search-{tokens}", [f"--task_tokens={tokens}"])
         for frames in (4, 8):
-            out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}"])
+            out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}", "--train_size=2048",
+                                                      "--sft_size=2048"])
     if "lambda" in parts:
         drift = ["--mini_batches=4", "--epochs=2"]
         out += [("lambda", "search-16 drift", "grpo", "ral.py", ["--algo=grpo", *drift])]
@@ -176,13 +178,13 @@ def plots(rows, out_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--parts", default=None, help="comma-separated: core, zero, sizes, lambda, distill (default: "
+    ap.add_argument("--parts", default=None, help="comma-separated: core, think, sizes, lambda, distill (default: "
                                                   "core; with --quick: all)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
     ap.add_argument("--out_dir", default="out/study")
     args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
-    parts = args.parts.split(",") if args.parts else ["core", "zero", "sizes", "lambda", "distill"] if args.quick \
+    parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill"] if args.quick \
         else ["core"]
     seeds = list(range(2 if args.quick and args.seeds == 5 else args.seeds))
     extra = (QUICK if args.quick else []) + passed

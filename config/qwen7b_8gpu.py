@@ -6,6 +6,8 @@
 init_from = "Qwen/Qwen2.5-VL-7B-Instruct"
 out_dir = "out/qwen7b-ral"
 algo = "ral"
+zero = False                     # the paper's <think>...</think><answer>...</answer> format
+sft_stop = 0.0                   # the whole SFT epoch (the tiny default stops early on the offline task)
 sft_steps = 2600                 # ~ one epoch of 165k samples at 64 per step
 sft_batch = 64
 sft_lr = 5e-6
