@@ -208,7 +208,8 @@ def check(cfg):
          "--train_size=0 / --sft_size=0 (an endless stream) needs --task=search")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
-    need(not cfg["sft_stop"] or not cfg["sft_file"], "--sft_stop validates on the offline task: not with --sft_file")
+    need(not cfg["sft_stop"] or not cfg["sft_file"], f"--sft_stop={cfg['sft_stop']} (the tiny recipe's early stop) "
+         "validates on the offline task: add --sft_stop=0 with --sft_file")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
 

@@ -98,9 +98,9 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     assert path() == base and path("--lr=1e-3", "--rl_steps=3") == base       # RL options do not matter
     assert path("--sft_lr=1e-3") != base and path("--sft_batch=8") != base and path("--sft_size=64") != base
     assert path("--train_size=64") == base                                   # the RL prompts do not either
-    stopped = path("--sft_stop=0.4")
-    assert stopped != base and path("--sft_stop=0.4", "--sft_val_n=64") != stopped
-    assert path("--sft_val_n=64") == base                                    # validation matters only with a stop
+    stopped, full = path("--sft_stop=0.5"), path("--sft_stop=0")
+    assert stopped != base and path("--sft_stop=0.5", "--sft_val_n=64") != stopped
+    assert path("--sft_stop=0", "--sft_val_n=64") == full != base            # validation matters only with a stop
     a, b = path(f"--sft_file={tmp_path / 'a' / 'sft.json'}"), path(f"--sft_file={tmp_path / 'b' / 'sft.json'}")
     assert a != b                                                            # same base name, other content
     assert os.path.dirname(base) == str(tmp_path)
@@ -112,7 +112,7 @@ def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
     assert "warm start saved" in capsys.readouterr().out
     assert ral.warm_start(cfg, [], "think", "cpu", 0, 1) == first
     said = capsys.readouterr().out
-    assert f"reusing the warm start {first}: same recipe" in said and "sft_lr=0.002" in said
+    assert f"reusing the warm start {first}: same recipe" in said and "sft_lr=0.0005" in said
     other = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL, "--sft_lr=0.1", f"--warm_dir={first}"])
     with pytest.raises(ral.UsageError, match=r"another recipe \(differs in \['sft_lr'\]\)"):
         ral.warm_start(other, [], "think", "cpu", 0, 1)

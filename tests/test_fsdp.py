@@ -101,12 +101,12 @@ def step_then_stop(self, *args, **kwargs):     # both ranks stop after SFT's 3rd
     return out
 torch.optim.AdamW.step = step_then_stop
 try:
-    ral.warm_start(cfg, sft_samples, "think", device, rank, world)
+    ral.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     raise SystemExit("SFT was not interrupted")
 except KeyboardInterrupt:
     pass
 torch.optim.AdamW.step = step
-ral.warm_start(cfg, sft_samples, "think", device, rank, world)    # again: SFT continues from its checkpoint
+ral.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)    # again: SFT continues from its checkpoint
 dist.barrier()
 dist.destroy_process_group()
 """

@@ -33,7 +33,7 @@ def test_end_to_end_run(tmp_path):
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values())
         assert 0 <= r["attn_visual"] <= 1 and 0 <= r["attn_target"] <= r["attn_visual"]
     assert rows[1]["attn_jsd"] > 0                          # the policy moved away from the rollout's attention
-    warm, = tmp_path.glob("warm-tiny4x128-think-sft0-s0-*")
+    warm, = tmp_path.glob("warm-tiny4x128-zero-sft0-s0-*")
     start, end = params_of(str(warm)), params_of(os.path.join(out, "ckpt"))
     changed = [k for k in start if not torch.equal(start[k], end[k])]
     assert changed and all("visual" not in k for k in changed)   # the LLM trained, the vision tower did not
@@ -240,7 +240,8 @@ def test_data_set_files_replace_the_offline_tasks(tmp_path):
     out = tmp_path / "run"
     results = ral.main([f"--out_dir={out}", f"--sft_file={path}", f"--train_file={path}", f"--eval_file={path}",
                         "--sft_steps=2", "--sft_batch=4", "--rl_steps=2", "--prompts_per_step=2", "--group_size=2",
-                        "--mini_batches=2", "--max_new_tokens=4", "--eval_n=3"], reward_fn=spread_reward)
+                        "--mini_batches=2", "--max_new_tokens=4", "--eval_n=3", "--zero=False", "--sft_stop=0"],
+                       reward_fn=spread_reward)
     assert results["after_rl"]["n"] == 3
     assert len(list(tmp_path.glob("warm-tiny4x128-think-sft2-s0-*"))) == 1
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
