@@ -142,7 +142,7 @@ def teacher_and_student(cfg, sft_samples, mode, device, rank, world):
             raise UsageError(f"--teacher: {problem}")
     else:   # the warm start `python ral.py` makes (or reuses) at the same path
         teacher_path = ral.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
-                                           sft_steps=cfg["teacher_sft_steps"]), sft_samples, mode, device, rank, world)
+                                           sft_steps=cfg["teacher_sft_steps"], sft_stop=0.0), sft_samples, mode, device, rank, world)
     if cfg["init_from"] != "tiny":
         check_pair(teacher_path, cfg["init_from"])             # a real pair fails before any training
     start = ral.warm_start(cfg, sft_samples, mode, device, rank, world)

@@ -10,6 +10,7 @@ Reinforced Attention Learning: GRPO on tokens plus an advantage-weighted JSD on 
 The math (jsd, group_advantages, token_loss, attention_loss) is pure functions at the top; importing this file
 starts nothing. Equation numbers refer to docs/METHOD.md.
 """
+import functools
 import gc
 import hashlib
 import json
@@ -100,13 +101,18 @@ OPTIONS = dict(   # name: (default, meaning)
     task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
     task_frames=(8, "frames per video (video task)"),
-    train_size=(2048, "offline prompts generated for SFT and RL"),
+    train_size=(2048, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
+    sft_size=(2048, "offline SFT samples (0: an endless stream, fresh every step); equal to train_size: the same set"),
     sft_file=("", "SFT data set (data.py's Video-R1 layout, JSON or JSONL) instead of the offline task"),
     train_file=("", "RL prompts (same layout) instead of the offline task"),
     eval_file=("", "held-out set (same layout) instead of the offline suite"),
     sft_steps=(1500, "stage 1: supervised warm-start steps (0: start RL from init_from as it is)"),
     sft_batch=(16, "SFT sequences per step, over all ranks"),
     sft_lr=(2e-3, "SFT peak learning rate (20 warmup steps, then cosine)"),
+    sft_stop=(0.0, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
+                   "reaches this, so the warm start lands at a chosen competence whatever the seed"),
+    sft_val_every=(25, "SFT steps between validation checks (with sft_stop)"),
+    sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's)"),
     warm_dir=("", "where the warm start lives; '' = beside out_dir, named by its recipe"),
     rl_steps=(60, "stage 2: RL steps (one rollout each)"),
     rl_epochs=(0.0, "if > 0: RL passes over the prompts instead of rl_steps (steps = epochs x prompts / "
@@ -172,7 +178,7 @@ def check(cfg):
          f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
     for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
-    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "beta",
+    for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
                 "rl_epochs", "lambda_attn"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
@@ -191,6 +197,12 @@ def check(cfg):
     need(not cfg["resume"] or any(os.path.exists(os.path.join(c, "trainer_state.pt"))
                                   for c in (ckpt, ckpt + ".tmp", ckpt + ".old")),
          f"--resume=True but there is no checkpoint in {ckpt}")
+    need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
+    need(cfg["task"] == "search" or (cfg["train_size"] and cfg["sft_size"]),
+         "--train_size=0 / --sft_size=0 (an endless stream) needs --task=search")
+    need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
+         "--train_size=0 is an endless stream")
+    need(not cfg["sft_stop"] or not cfg["sft_file"], "--sft_stop validates on the offline task: not with --sft_file")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
 
@@ -217,23 +229,69 @@ def seed_for(*parts):
     return h
 
 
+STREAM_SEED, VAL_SEED, BLOCK = 1 << 20, 20_000, 64   # stream seeds lie above eval's held-out seed and VAL_SEED
+
+
+def offline_stream(cfg, stage):
+    """The offline search task as an endless stream for one stage (0: SFT, 1: RL): item i lies in block i // 64,
+    drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a resume.
+    Returns take(start, count) -> samples."""
+    @functools.lru_cache(maxsize=4)
+    def block(b):
+        return data.search_task(BLOCK, seed=STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40,
+                                tokens=cfg["task_tokens"])
+    return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: supervised warm start (the paper's SFT), on the same forward as RL.
 
+def sampled_accuracy(model, processor, samples, cfg, mode, check):
+    """Accuracy of one response per sample drawn as RL draws them (temperature, seeded per sample and check). The
+    greedy accuracy of a half-trained model can sit far above what it samples (a flat answer distribution whose
+    argmax happens to be right), and RL learns from what it samples."""
+    hits = []
+    for i in range(0, len(samples), 16):
+        chunk = samples[i:i + 16]
+        batch, _ = data.encode(chunk, processor, mode)
+        seeds = [seed_for(cfg["seed"], 2, check, i + k) for k in range(len(chunk))]
+        response, _ = generate(model, processor, to_device(batch, model.device), cfg["max_new_tokens"],
+                               cfg["temperature"], seeds=seeds)
+        texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
+        hits += [data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
+    return sum(hits) / len(hits)
+
+
 def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
+    """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
+    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks."""
     tok = processor.tokenizer
     params = [w for w in model.parameters() if w.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
+    stream = offline_stream(cfg, 0) if samples is None else None
+    val = data.search_task(cfg["sft_val_n"], seed=VAL_SEED, tokens=cfg["task_tokens"]) if cfg["sft_stop"] else None
+    raw, log = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[])
     bar = tqdm(range(cfg["sft_steps"]), desc="sft", disable=rank != 0)
     for step in bar:
+        if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
+            raw.eval()
+            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step)
+            raw.train()
+            log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
+            if accuracy >= cfg["sft_stop"]:
+                log["steps"] = step
+                break
         # each lr step: linear warmup then cosine decay, so the small model settles
         lr = cfg["sft_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
-        chosen = [samples[i] for i in idx]
+        if stream:
+            chosen = stream(step * per_rank * world + rank * per_rank, per_rank)
+        else:
+            idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+            chosen = [samples[i] for i in idx]
         targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                    for s in chosen]
         # the token mean over the whole global batch: the same objective for any ranks and micro-batches
@@ -254,7 +312,11 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1):
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         bar.set_postfix(loss=f"{loss:.3f}")
-    return model
+    if rank == 0 and cfg["sft_stop"]:
+        stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
+        print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
+              f" (target {cfg['sft_stop']}), {stopped} {log['steps']} steps")
+    return log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,8 +384,9 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
         add(reward=rewards.sum().item(), accuracy=sum(s["accuracy"] for s in scores),
             format=sum(s["format"] for s in scores), responses=G, groups=1,
             no_spread=float(bool((rewards == rewards[0]).all())), response_len=response_mask.sum().item())
-        samples_log.append(dict(step=step + 1, question=sample["question"], answer=sample["answer"],
-                                responses=texts[:cfg["log_samples"]], rewards=rewards[:cfg["log_samples"]].tolist()))
+        samples_log.append(dict(step=step + 1, id=sample.get("id"), question=sample["question"],
+                                answer=sample["answer"], responses=texts[:cfg["log_samples"]],
+                                rewards=rewards[:cfg["log_samples"]].tolist()))
         times["score"] += time.time() - t1
     return micro_batches, stats, samples_log, times
 
@@ -513,20 +576,23 @@ def read_samples(path):
 
 
 def load_samples(cfg, rank=0, world=1):
-    """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task) and the held-out suite's
-    name, under which its results are filed in eval.json. The offline video task's files are written once, by
-    rank 0, while the others wait; then every rank finds them."""
-    if cfg["task"] == "search":
-        offline = data.search_task(cfg["train_size"], seed=cfg["seed"], tokens=cfg["task_tokens"])
+    """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task; None for an endless
+    stream) and the held-out suite's name, under which its results are filed in eval.json. The offline video
+    task's files are written once, by rank 0, while the others wait; then every rank finds them."""
+    if cfg["task"] == "search":   # a size of 0 is the endless stream (None here); equal sizes are the same set
+        offline = lambda n: data.search_task(n, seed=cfg["seed"], tokens=cfg["task_tokens"]) if n else None
+        sft_set, rl_set = offline(cfg["sft_size"]), offline(cfg["train_size"])
     else:
-        video = lambda: data.video_task(cfg["train_size"], seed=cfg["seed"], frames=cfg["task_frames"],
-                                        folder=os.path.join(cfg["out_dir"], "videos"), tokens_per_frame=cfg["task_tokens"])
+        video = lambda: data.video_task(max(cfg["train_size"], cfg["sft_size"]), seed=cfg["seed"],
+                                        frames=cfg["task_frames"], folder=os.path.join(cfg["out_dir"], "videos"),
+                                        tokens_per_frame=cfg["task_tokens"])
         offline = video() if rank == 0 else None
         if world > 1:
             dist.barrier()
         offline = offline or video()
-    sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else offline
-    train = read_samples(cfg["train_file"]) if cfg["train_file"] else offline
+        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]   # slices of one draw
+    sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
+    train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
     held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
                 evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
@@ -534,13 +600,16 @@ def load_samples(cfg, rank=0, world=1):
 
 
 # Every option that changes what SFT produces; with the data file's content, they name the warm start.
-WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "train_size",
-             "sft_file", "sft_steps", "sft_batch", "sft_lr", "weight_decay", "grad_clip", "seed", "dtype",
+WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "sft_size",
+             "sft_file", "sft_steps", "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
              "compute_dtype")
+STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
 def warm_recipe(cfg):
-    recipe = {k: cfg[k] for k in WARM_KEYS}
+    recipe = {k: cfg[k] for k in WARM_KEYS + (STOP_KEYS if cfg["sft_stop"] else ())}
+    if cfg["task"] == "video":      # its SFT set is a slice of one draw of max(sft_size, train_size) videos
+        recipe["train_size"] = cfg["train_size"]
     if cfg["sft_file"]:
         with open(cfg["sft_file"], "rb") as f:
             recipe["sft_file_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
@@ -581,11 +650,13 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))
         model = wrap(model, cfg, world, device)
-        sft(model, processor, sft_samples, cfg, mode, device, rank, world)
+        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world)
         model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
     save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
     if rank == 0:
         evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
+        if cfg["sft_steps"]:
+            evaluation.write_json(log, os.path.join(path, "sft_log.json"))
         print(f"warm start saved to {path}")
     if world > 1:
         dist.barrier()
@@ -596,7 +667,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
           reward_fn=data.reward):
     """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
     (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
-    if cfg["rl_epochs"]:        # passes over the prompts, as the paper's one epoch over 51.2k
+    if cfg["rl_epochs"] and train_samples is not None:   # passes over the prompts, as the paper's one epoch over 51.2k
         cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
     out, mode = cfg["out_dir"], "zero" if cfg["zero"] else "think"
     ckpt, metrics_path, samples_path = (os.path.join(out, f) for f in ("ckpt", "metrics.jsonl", "samples.jsonl"))
@@ -649,11 +720,15 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     if "before_rl" not in results:
         evaluate("before_rl")
     per_rank = cfg["prompts_per_step"] // world
+    stream = offline_stream(cfg, 1) if train_samples is None else None
     bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0, initial=step, total=cfg["rl_steps"])
     for step in bar:
         # this rank's prompts: every rank computes the same global prompts and takes its own share of whole groups
-        idx = epoch_prompts(len(train_samples), step, cfg["prompts_per_step"], cfg["seed"])
-        prompts = [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
+        if stream:
+            prompts = stream(step * cfg["prompts_per_step"] + rank * per_rank, per_rank)
+        else:
+            idx = epoch_prompts(len(train_samples), step, cfg["prompts_per_step"], cfg["seed"])
+            prompts = [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention

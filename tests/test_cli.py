@@ -35,6 +35,8 @@ def mistakes(tmp):
         ("--mini_batches=9",): "--mini_batches must be between 1 and group_size=8",
         ("--init_from=./no/such/folder",): "--init_from: no such folder: ./no/such/folder",
         ("--task=audio",): "--task must be search or video",
+        ("--train_size=0", "--rl_epochs=1"): "--rl_epochs needs a finite prompt set",
+        ("--task=video", "--sft_size=0"): "(an endless stream) needs --task=search",
         ("--rl_steps",): "--rl_steps needs a value",
     }
 
@@ -94,7 +96,11 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     (tmp_path / "b" / "sft.json").write_text("[2]")
     base = path()
     assert path() == base and path("--lr=1e-3", "--rl_steps=3") == base       # RL options do not matter
-    assert path("--sft_lr=1e-3") != base and path("--sft_batch=8") != base and path("--train_size=64") != base
+    assert path("--sft_lr=1e-3") != base and path("--sft_batch=8") != base and path("--sft_size=64") != base
+    assert path("--train_size=64") == base                                   # the RL prompts do not either
+    stopped = path("--sft_stop=0.4")
+    assert stopped != base and path("--sft_stop=0.4", "--sft_val_n=64") != stopped
+    assert path("--sft_val_n=64") == base                                    # validation matters only with a stop
     a, b = path(f"--sft_file={tmp_path / 'a' / 'sft.json'}"), path(f"--sft_file={tmp_path / 'b' / 'sft.json'}")
     assert a != b                                                            # same base name, other content
     assert os.path.dirname(base) == str(tmp_path)

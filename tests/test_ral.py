@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import eval as evaluation
 import ral
 from helpers import spread_reward
 from model import build_tiny, load
@@ -189,6 +190,58 @@ def test_prompts_come_in_epochs_without_replacement(world):
     assert sorted(used[:10]) == list(range(10)) and sorted(used[10:]) == list(range(10))
     assert used[:10] != used[10:]
     assert ral.epoch_prompts(n, 3, per_step, seed=3) == used[12:16]   # a resumed run at step 3 sees the same
+
+
+def test_the_endless_stream_never_repeats_and_ignores_ranks():
+    """Item i of a stage's stream is the same however it is taken (whole, or in rank shares, or after a resume);
+    no prompt repeats, SFT's and RL's streams differ, and none is a held-out sample."""
+    cfg = dict(ral.DEFAULTS, task_tokens=16, seed=3)
+    rl = ral.offline_stream(cfg, 1)
+    whole = [s["id"] for s in rl(0, 150)]
+    shares = [s["id"] for start in range(0, 150, 5) for s in ral.offline_stream(cfg, 1)(start, 5)]
+    assert whole == shares and len(set(whole)) == 150
+    assert [s["answer"] for s in rl(0, 64)].count("C") == 16                 # each block of 64 is balanced
+    sft = {s["id"] for s in ral.offline_stream(cfg, 0)(0, 150)}
+    held_out = {s["id"] for s in evaluation.suite("search-16", n=256)}
+    assert not sft & set(whole) and not held_out & (sft | set(whole))
+    images = {s["image"].tobytes() for s in rl(0, 150)}
+    assert len(images) == 150
+
+
+def test_an_endless_run_draws_fresh_prompts(tmp_path):
+    out = tmp_path / "fresh"
+    ral.main([f"--out_dir={out}", "--rl_steps=2", "--log_samples=1", *SMALL, "--train_size=0"],
+             reward_fn=spread_reward)
+    asked = [json.loads(line)["id"] for line in open(out / "samples.jsonl")]
+    stream = ral.offline_stream(ral.configure([*SMALL]), 1)
+    assert asked == [stream(0, 1)[0]["id"], stream(2, 1)[0]["id"]]      # step s starts at s * prompts_per_step
+
+
+def test_sft_stops_at_the_first_check_that_samples_the_target(monkeypatch):
+    """sft_stop: validation every sft_val_every steps; the first sampled accuracy >= the target ends SFT there."""
+    seen = iter([0.1, 0.3, 0.5, 0.9])
+    monkeypatch.setattr(ral, "sampled_accuracy", lambda *args: next(seen))
+    model, processor = build_tiny(layers=1, hidden=64, seed=0)
+    cfg = dict(ral.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=4, sft_size=0,
+               task_tokens=16)
+    log = ral.sft(model, processor, None, cfg, "zero", "cpu")
+    assert log == dict(steps=9, checks=[dict(step=3, sampled_accuracy=0.1), dict(step=6, sampled_accuracy=0.3),
+                                        dict(step=9, sampled_accuracy=0.5)])
+
+
+def test_sampled_accuracy_at_a_tiny_temperature_is_the_greedy_accuracy():
+    """The validation sampler is RL's (Gumbel noise on logits / T): as T -> 0 it returns the greedy answers, so its
+    accuracy is eval.py's greedy one, computed independently."""
+    model, processor = build_tiny(layers=2, hidden=64, seed=1)
+    model.eval()
+    samples = data.search_task(24, seed=5, tokens=16)
+    cfg = dict(ral.DEFAULTS, temperature=1e-6, max_new_tokens=8)
+    texts = [t for i in range(0, 24, 8) for t in evaluation.respond(model, processor, samples[i:i + 8], "zero", 8,
+                                                                    attention=False)["texts"]]
+    greedy = sum(data.reward(t, s, "zero")["accuracy"] for t, s in zip(texts, samples)) / 24
+    assert ral.sampled_accuracy(model, processor, samples, cfg, "zero", check=0) == greedy
+    hot = ral.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
+    assert hot == ral.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
 
 
 def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
