@@ -101,7 +101,7 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     stopped, full = path("--sft_stop=0.5"), path("--sft_stop=0")
     assert stopped != base and path("--sft_stop=0.5", "--sft_val_n=64") != stopped
     assert path("--sft_stop=0", "--sft_val_n=64") == full != base            # validation matters only with a stop
-    a, b = path(f"--sft_file={tmp_path / 'a' / 'sft.json'}"), path(f"--sft_file={tmp_path / 'b' / 'sft.json'}")
+    a, b = (path(f"--sft_file={tmp_path / f / 'sft.json'}", "--sft_stop=0") for f in "ab")
     assert a != b                                                            # same base name, other content
     assert os.path.dirname(base) == str(tmp_path)
 
