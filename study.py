@@ -10,8 +10,8 @@ tasks, with seeds and intervals.
 
 Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the
 paper's <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4
-and 8 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and 4 mini-batches x 2 epochs so the
-policy drifts within a rollout), distill (KD + attention distillation vs KD). Every arm is one `python ral.py` (or
+and 8 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and
+100, and 4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD). Every arm is one `python ral.py` (or
 `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms of the same task;
 an arm whose results.json exists is never re-run, so an interrupted study resumes. The report is written from the
 runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and
@@ -121,6 +121,15 @@ def report(rows, out_dir, command):
                      f" | {interval([r['after'] for r in mine.values()])} | "
                      f"{interval([r['after'] - r['before'] for r in mine.values()])} | {vs} | "
                      f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) |")
+    for part, setting in dict.fromkeys(k[:2] for k in keys):   # the evidence behind each mean: one row per seed
+        methods = [m for p, s, m in keys if (p, s) == (part, setting)]
+        at = {(r["method"], r["seed"]): r for r in rows if (r["part"], r["setting"]) == (part, setting)}
+        lines += [f"\n**{part}, {setting}**, held-out accuracy (%) per seed\n",
+                  "| seed | warm start | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+        for seed in sorted({seed for _, seed in at}):
+            first = next(at[m, seed] for m in methods if (m, seed) in at)
+            lines.append(f"| {seed} | {100 * first['before']:.1f} | " + " | ".join(
+                f"{100 * at[m, seed]['after']:.1f}" if (m, seed) in at else "–" for m in methods) + " |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(text)

@@ -20,6 +20,11 @@ def test_quick_study_end_to_end(tmp_path):
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[3] == "1" and cells[4] == f"{100 * results['before_rl']['accuracy']:.1f}"
         assert cells[5] == f"{100 * results['after_rl']['accuracy']:.1f}"
+    after = [json.load(open(os.path.join(out, f"core-search-16-{m}-s0", "results.json")))["after_rl"]["accuracy"]
+             for m in ("grpo", "ral")]
+    seed_row = next(line for line in table.splitlines() if line.startswith("| 0 |"))   # the per-seed table
+    before = results["before_rl"]["accuracy"]
+    assert seed_row == f"| 0 | {100 * before:.1f} | {100 * after[0]:.1f} | {100 * after[1]:.1f} |"
     stamp = os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json"))
     study.main(argv)                                                     # finished arms are never re-run
     assert os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json")) == stamp
