@@ -8,14 +8,14 @@ tasks, with seeds and intervals.
     python study.py --seeds 3 --rl_steps=40      # any other --key=value is passed to every arm
     torchrun --nproc_per_node=4 study.py --parts ...            # arms split over ranks (or machines)
 
-Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the
-paper's <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4
-and 8 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and
-100, and 4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD). Every arm is one `python ral.py` (or
-`distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms of the same task;
-an arm whose results.json exists is never re-run, so an interrupted study resumes. The report is written from the
-runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and
-curves.png in out_dir.
+Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the paper's
+<think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
+frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
+4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD). Every
+arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by
+all arms of the same task; an arm whose results.json exists is never re-run, so an interrupted study resumes. The
+report is written from the runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png,
+grounding.png and curves.png in out_dir.
 """
 import argparse
 import json
