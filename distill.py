@@ -25,6 +25,7 @@ from transformers import AutoConfig
 import data
 import eval as evaluation
 import ral
+import scale
 from cli import UsageError, cli
 from model import check_source, load, load_processor, policy_forward, to_device
 
@@ -154,7 +155,7 @@ def main(argv, reward_fn=data.reward):
     cfg = ral.configure(argv, OPTIONS, __doc__)
     if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
         raise UsageError("--mu and --gamma_attn must be >= 0")
-    rank, world, device = ral.setup_distributed(cfg)
+    rank, world, device = scale.setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = ral.load_samples(cfg, rank, world)
     if rank == 0:   # before SFT, as ral.main: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))

@@ -87,9 +87,9 @@ def test_fsdp_resume_matches_uninterrupted(two_steps):
 STOPPED = """
 import os, sys, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
-import ral
+import ral, scale
 cfg = ral.configure(sys.argv[1:])
-rank, world, device = ral.setup_distributed(cfg)
+rank, world, device = scale.setup_distributed(cfg)
 sft_samples = ral.load_samples(cfg, rank, world)[0]
 left, step = 3, torch.optim.AdamW.step
 def step_then_stop(self, *args, **kwargs):     # both ranks stop after SFT's 3rd step (its checkpoint is at 2)
@@ -135,7 +135,7 @@ CAPTURE = """
 import copy, os, sys, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 from torch.distributed.tensor import DTensor
-import model as M, ral
+import model as M, ral, scale
 from test_model import R, image_batch
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -151,7 +151,7 @@ def capture(m):
     return p.detach(), logp.detach(), {{n: full(w.grad) for n, w in m.named_parameters() if w.grad is not None}}
 
 p0, logp0, g0 = capture(plain)
-ral.wrap(model, dict(fsdp=True), 2, "cpu")
+scale.wrap(model, dict(fsdp=True), 2, "cpu")
 p1, logp1, g1 = capture(model)
 assert (p1 - p0).abs().max() < 1e-6 and (logp1 - logp0).abs().max() < 1e-5, ((p1 - p0).abs().max())
 assert g0.keys() == g1.keys() and len(g0) > 10

@@ -7,6 +7,7 @@ import torch
 import data
 import model as policy
 import ral
+import scale
 from helpers import spread_reward
 from model import build_tiny
 
@@ -17,7 +18,7 @@ def moved_share(weights_dtype, steps=2, lr=1e-5):
     model, processor = build_tiny(seed=1)
     model.to(weights_dtype)
     cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=steps, compute_dtype="bfloat16")
-    autocast = ral.compute(cfg, "cpu")
+    autocast = scale.compute(cfg, "cpu")
     torch.manual_seed(0)
     with autocast:
         micro_batches = ral.rollout(model, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think",
@@ -78,4 +79,4 @@ def test_memory_table_counts_master_weights_gradients_adam_and_reference():
     assert ddp["optimizer"] == 8 * trainable and ddp["reference"] == 2 * (trainable + frozen)
     fsdp = policy.training_memory(model, world=8, fsdp=True)
     assert all(abs(fsdp[k] - ddp[k] / 8) < 1e-6 for k in ddp)
-    assert "GiB" in ral.memory_report(copy.deepcopy(model), world=2)
+    assert "GiB" in scale.memory_report(copy.deepcopy(model), world=2)

@@ -12,6 +12,7 @@ import torch
 import data
 import eval as evaluation
 import ral
+import scale
 from helpers import spread_reward
 from model import build_tiny, load
 
@@ -106,10 +107,10 @@ def test_an_interrupted_checkpoint_swap_is_recovered(tmp_path):
     must find the newest complete one instead of starting over."""
     model, processor = build_tiny(layers=1, hidden=64)
     ckpt = str(tmp_path / "ckpt")
-    ral.save_checkpoint(ckpt, model, processor, None, dict(step=1))
-    ral.save_checkpoint(ckpt + ".tmp", model, processor, None, dict(step=2))
+    scale.save_checkpoint(ckpt, model, processor, None, dict(step=1))
+    scale.save_checkpoint(ckpt + ".tmp", model, processor, None, dict(step=2))
     os.replace(ckpt, ckpt + ".old")                                  # the state right after the first rename
-    assert ral.recover_checkpoint(ckpt) == ckpt
+    assert scale.recover_checkpoint(ckpt) == ckpt
     assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)["step"] == 2
     assert not os.path.exists(ckpt + ".tmp")
 
