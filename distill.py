@@ -37,13 +37,14 @@ OPTIONS = dict(
     mu=(1.0, "weight of the per-token reverse KL to the teacher (L_GKD of Eq. 6)"),
     gamma_attn=(0.5, "weight of the attention JSD to the teacher (Eq. 5); 0 = the on-policy KD baseline"),
     teacher=("", "a save_pretrained folder, a ral.py run folder or a hub id; '' = the tiny warm start below"),
-    teacher_layers=(ral.DEFAULTS["tiny_layers"], "the tiny teacher's layers (teacher=''): it is exactly the warm "
-                                                 "start `python ral.py` makes, reused if it exists"),
+    teacher_layers=(ral.DEFAULTS["tiny_layers"], "the tiny teacher's layers (teacher=''): ral.py's model, trained "
+                                                 "to the end of its SFT (no early stop), reused if it exists"),
     teacher_sft_steps=(ral.DEFAULTS["sft_steps"], "the tiny teacher's SFT steps (teacher='')"),
     teacher_device=("", "the teacher's device; '' = the student's"),
     teacher_dtype=("", "the teacher's dtype; '' = load()'s default (bf16 on GPU, fp32 on CPU)"),
     tiny_layers=(2, "decoder layers of the tiny student (fewer than the teacher's)"),
-    sft_steps=(100, "the student's warm-start SFT steps (shorter than the teacher's)"),
+    sft_steps=(300, "the student's warm-start SFT steps (shorter than the teacher's; it also stops early at "
+                    "--sft_stop, as ral.py's does)"),
     rl_steps=(40, meaning("rl_steps")),
     lr=(1e-4, meaning("lr")),
 )
