@@ -2,6 +2,8 @@
 The inputs: offline tasks, real data sets, media decoding, prompts, batches and rewards.
 
 search_task(n, ...)   visual search (V*-like): one star among many circles/squares, "what colour is the star?"
+count_task(n, ...)    counting (relational): how many red shapes (1-4) among shapes of other colours
+left_task(n, ...)     left of (relational): the colour of the leftmost of four shapes
 video_task(n, ...)    video needle: the star is in exactly one of F frames, written to a real mp4 with PyAV
 load_dataset(path)    Video-R1 layout (JSON array or JSONL), the same samples for SFT, RL and evaluation
 prompt_messages / sft_target   the thinking ("think") and direct ("zero", RAL-zero) formats
@@ -9,7 +11,8 @@ encode(samples, processor)     a left-padded prompt batch for the model, and its
 reward(text, sample)           0.9 * accuracy + 0.1 * format (the paper's reward); never raises
 
 A sample is a plain dict: id, question (with the lettered options), options, answer (as it appears inside
-<answer>), problem_type, image (path or PIL image) or video (path), target ({"box", "frame"} or None),
+<answer>), problem_type, image (path or PIL image) or video (path), target ({"box", "frame"}, the relational tasks
+{"boxes": [...]}: every box the answer depends on; or None),
 rationale (thinking text or None), source; samples from load_dataset also carry origin ("file:line"), which
 errors raised later (a frame that does not decode) name.
 """
@@ -145,6 +148,103 @@ def search_task(n, seed=0, tokens=64, clutter=None):
     return samples
 
 
+COUNTED = "red"      # the count task counts this colour; every other shape has another colour
+SHAPE = 18           # every shape of the relational tasks has this size, so the counted colour's area tracks the count
+
+
+def _shapes(rng, side, colours, size=SHAPE):
+    """Shapes of the given colours on a white canvas, no two touching (the count task needs them apart), each
+    drawn through its own mask, so its box is exactly its pixel extent. Returns the image and the boxes."""
+    img = Image.new("RGB", (side, side), BACKGROUND)
+    boxes = []
+    for colour in colours:
+        for _ in range(5000):
+            x, y = rng.randrange(side - size + 1), rng.randrange(side - size + 1)
+            box = (x, y, x + size, y + size)
+            if not any(_overlap(box, b, margin=2) for b in boxes):
+                break
+        else:
+            raise ValueError(f"cannot place {len(colours)} shapes of {size}px apart on a {side}px canvas")
+        mask = Image.new("L", (side, side), 0)
+        _draw(ImageDraw.Draw(mask), rng.choice(DISTRACTORS), box, 255)
+        img.paste(PALETTE[colour], mask=mask)
+        boxes.append(mask.getbbox())
+    return img, boxes
+
+
+def count_task(n, seed=0, tokens=16, clutter=None):
+    """Counting (relational: the answer is a property of several objects together): 1 to 4 red shapes among
+    `clutter` shapes of other colours (default max(3, tokens // 8)), "how many red shapes are there?", options
+    A. 1 ... D. 4 (balanced). Target boxes: the red shapes, every one the answer depends on."""
+    side = math.isqrt(tokens) * CELL
+    if side * side != tokens * CELL * CELL:
+        raise ValueError(f"tokens must be a perfect square, got {tokens}")
+    clutter = max(3, tokens // 8) if clutter is None else clutter
+    others = [c for c in PALETTE if c != COUNTED]
+    rng = random.Random(f"count-{seed}-{tokens}-{clutter}")
+    options = [f"{L}. {k}" for L, k in zip(LETTERS, range(1, 5))]
+    samples = []
+    for i, letter in enumerate(_balanced_letters(rng, n)):
+        k = LETTERS.index(letter) + 1
+        colours = [COUNTED] * k + [rng.choice(others) for _ in range(clutter)]
+        rng.shuffle(colours)
+        img, boxes = _shapes(rng, side, colours)
+        targets = [b for b, c in zip(boxes, colours) if c == COUNTED]
+        samples.append(dict(id=f"count-{tokens}-{seed}-{i}", question=f"How many {COUNTED} shapes are there?\n"
+                            + "\n".join(options), options=options, answer=letter, problem_type="multiple choice",
+                            image=img, video=None, target=dict(box=None, boxes=targets, frame=None),
+                            rationale=f"There {'is' if k == 1 else 'are'} {k} {COUNTED} "
+                                      f"shape{'' if k == 1 else 's'}.", source="count"))
+    return samples
+
+
+def left_task(n, seed=0, tokens=16):
+    """Left of (relational: the answer compares two objects' positions): one shape of each option colour, "which
+    colour is the leftmost shape?" (balanced over A-D; the leftmost's left edge at least 4 px left of every other's,
+    so the answer is never a matter of a pixel). Target boxes: the leftmost shape and the next one, the pair the
+    comparison is decided by."""
+    side = math.isqrt(tokens) * CELL
+    if side * side != tokens * CELL * CELL:
+        raise ValueError(f"tokens must be a perfect square, got {tokens}")
+    rng = random.Random(f"left-{seed}-{tokens}")
+    samples = []
+    for i, letter in enumerate(_balanced_letters(rng, n)):
+        colour = OPTION_COLOURS[LETTERS.index(letter)]
+        while True:
+            img, boxes = _shapes(rng, side, OPTION_COLOURS)
+            order = sorted(range(4), key=lambda j: boxes[j][0])
+            if boxes[order[1]][0] - boxes[order[0]][0] >= 4:
+                break
+        # the drawn colours are fixed (red, green, blue, yellow); which one is leftmost is the draw's, so relabel
+        # by swapping colours: the shape drawn leftmost takes the answer's colour
+        first = order[0]
+        swap = OPTION_COLOURS.index(colour)
+        if first != swap:
+            img = _swap_colours(img, PALETTE[OPTION_COLOURS[first]], PALETTE[colour])
+            boxes[first], boxes[swap] = boxes[swap], boxes[first]
+            order = [swap if j == first else first if j == swap else j for j in order]
+        question, opts = _question("Which colour is the leftmost shape?")
+        samples.append(dict(id=f"left-{tokens}-{seed}-{i}", question=question, options=opts, answer=letter,
+                            problem_type="multiple choice", image=img, video=None,
+                            target=dict(box=None, boxes=[boxes[order[0]], boxes[order[1]]], frame=None),
+                            rationale=f"The leftmost shape is {colour}.", source="left"))
+    return samples
+
+
+def _swap_colours(img, a, b):
+    x = np.asarray(img).copy()
+    is_a, is_b = (x == a).all(-1), (x == b).all(-1)
+    x[is_a], x[is_b] = b, a
+    return Image.fromarray(x)
+
+
+def target_boxes(target):
+    """A target's boxes: the search and video tasks have one ("box"), the relational ones a set ("boxes")."""
+    if not target:
+        return []
+    return list(target.get("boxes") or ([target["box"]] if target.get("box") else []))
+
+
 def write_mp4(frames, path, fps=1):
     """PIL frames -> an H.264 mp4 (mpeg4 if this ffmpeg has no libx264). Lossless (qp 0): x264's rate control
     (crf) now and then encodes identical frames differently, and the task must be a function of its seed."""
@@ -201,6 +301,12 @@ TASKS = dict(
                 options=(("task_tokens", None),), stream=True,
                 suites=("search-16", "search-64", "search-256", "search-1024"),
                 about="one image: the colour of the one star among distractors"),
+    count=dict(make=lambda n, seed, o, folder=None: count_task(n, seed=seed, tokens=o["task_tokens"]),
+               options=(("task_tokens", None),), stream=True, suites=("count-16", "count-64"),
+               about="one image: how many red shapes (1-4) among shapes of other colours"),
+    left=dict(make=lambda n, seed, o, folder=None: left_task(n, seed=seed, tokens=o["task_tokens"]),
+              options=(("task_tokens", None),), stream=True, suites=("left-16", "left-64"),
+              about="one image: the colour of the leftmost of four shapes"),
     video=dict(make=lambda n, seed, o, folder=None: video_task(n, seed=seed, frames=o["task_frames"], folder=folder,
                                                                tokens_per_frame=o["task_tokens"]),
                options=(("task_frames", None), ("task_tokens", 16)), stream=False,
@@ -430,13 +536,13 @@ def video_patches(frames, ip):
     return torch.from_numpy(np.ascontiguousarray(x).reshape(gt * gh * gw, C * tp * p * p)), torch.tensor([gt, gh, gw])
 
 
-def _cells(box, scale, grid, merge, target_group=0):
-    """Per merged visual token (order t, h, w): does its 28x28 cell of the resized image overlap the box?"""
+def _cells(boxes, scale, grid, merge, target_group=0):
+    """Per merged visual token (order t, h, w): does its 28x28 cell of the resized image overlap any of the boxes?"""
     gt, gh, gw = (int(g) for g in grid)
     rows, cols, size = gh // merge, gw // merge, 14 * merge
-    x0, y0, x1, y1 = box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1]
-    hit = [c * size < x1 and (c + 1) * size > x0 and r * size < y1 and (r + 1) * size > y0
-           for r in range(rows) for c in range(cols)]
+    scaled = [(b[0] * scale[0], b[1] * scale[1], b[2] * scale[0], b[3] * scale[1]) for b in boxes]
+    hit = [any(c * size < x1 and (c + 1) * size > x0 and r * size < y1 and (r + 1) * size > y0
+               for x0, y0, x1, y1 in scaled) for r in range(rows) for c in range(cols)]
     return [t == target_group and h for t in range(gt) for h in hit]
 
 
@@ -490,7 +596,7 @@ def encode(samples, processor, mode="think", image_pixels=5120 * 28 * 28, video_
             pixels, grid, scale = cache[key]
             images.append(pixels), image_grids.append(grid)
             text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(grid.prod()) // merge ** 2), 1)
-            cells.append(_cells(target["box"], scale, grid, merge) if target else None)
+            cells.append(_cells(target_boxes(target), scale, grid, merge) if target_boxes(target) else None)
         elif s.get("video") is not None:
             key = ("video", s["video"])
             if key not in cache:
@@ -503,7 +609,7 @@ def encode(samples, processor, mode="think", image_pixels=5120 * 28 * 28, video_
             text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(grid.prod()) // merge ** 2), 1)
             if target and target.get("frame") in index:  # the needle frame may fall between sampled frames
                 group = index.index(target["frame"]) // ip.temporal_patch_size
-                cells.append(_cells(target["box"], scale, grid, merge, group))
+                cells.append(_cells(target_boxes(target), scale, grid, merge, group))
             else:
                 cells.append(None)
         else:

@@ -144,7 +144,7 @@ def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
 # ----------------------------------------------------------------------------------------------------------------
 # The attention-policy capture (Eq. 2)
 
-# policy_forward opens a capture (a dict) here; the kernel of the last text layer puts its q, k and mask into it.
+# policy_forward opens a capture (a dict) here; the kernel of the policy's layer puts its q, k and mask into it.
 # A module-level slot, not a forward kwarg: FSDP's pre-forward hooks rebuild kwargs, so a dict passed through
 # model(..., capture=d) reaches the kernel as a copy and the caller would see nothing.
 _capture = None
@@ -162,12 +162,30 @@ def capturing():
         _capture = previous
 
 
+def policy_layer(config):
+    """The decoder layer whose attention is the policy (Eq. 2): the final one unless set_attn_layer chose another."""
+    return getattr(config, "ral_attn_layer", config.num_hidden_layers - 1)
+
+
+def set_attn_layer(model, layer):
+    """Make decoder layer `layer` (negative: from the end; -1, the final layer, is the paper's) the attention policy.
+    Kept in the text config, which every attention layer reads and checkpoints save, so every capture of this model
+    (rollout, update, evaluation, eval.py on its checkpoint later) takes the same layer."""
+    config = getattr(model, "module", model).config.text_config
+    n = config.num_hidden_layers
+    if not -n <= layer < n:
+        raise ValueError(f"attn_layer {layer} is not a decoder layer of a {n}-layer model (use -{n} .. {n - 1})")
+    config.ral_attn_layer = layer % n
+    return config.ral_attn_layer
+
+
 def ral_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA for every layer; inside capturing(), the last text layer also hands over its q and k. p^t is computed
-    from them outside the layer, so an activation-checkpointed layer recomputes exactly what it saved (the slot is
-    closed when backward recomputes the layer, and the capture saves nothing inside it)."""
+    """SDPA for every layer; inside capturing(), the policy's layer (the last text layer unless set_attn_layer chose
+    another) also hands over its q and k. p^t is computed from them outside the layer, so an activation-checkpointed
+    layer recomputes exactly what it saved (the slot is closed when backward recomputes the layer, and the capture
+    saves nothing inside it)."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if _capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
+    if _capture is not None and getattr(module, "layer_idx", None) == policy_layer(module.config):
         _capture.update(query=query, key=key, mask=attention_mask, groups=module.num_key_value_groups,
                         scaling=kwargs.get("scaling", module.scaling))
     return out

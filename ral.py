@@ -28,7 +28,7 @@ import eval as evaluation
 from cli import UsageError, cli, parse
 from data import epoch_prompts, offline_stream, seed_for
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
-    take_rows, to_device, with_responses
+    set_attn_layer, take_rows, to_device, with_responses
 from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
     shard, wrap
 from sft import warm_start
@@ -105,7 +105,8 @@ OPTIONS = dict(   # name: (default, meaning)
     sft_stop=(0.4, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
                    "reaches this, so the warm start lands at a chosen competence whatever the seed"),
     sft_val_every=(25, "SFT steps between validation checks (with sft_stop)"),
-    sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's)"),
+    sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's); with"
+                    " --sft_file, min(this, 10% of the file) of its records, held out of SFT"),
     warm_dir=("", "where the warm start lives; '' = beside out_dir, named by its recipe"),
     rl_steps=(60, "stage 2: RL steps (one rollout each)"),
     rl_epochs=(0.0, "if > 0: RL passes over the prompts instead of rl_steps (steps = epochs x prompts / "
@@ -128,6 +129,11 @@ OPTIONS = dict(   # name: (default, meaning)
     lambda_attn=(1.0, "weight of the attention term, Eq. 4 (set to 0 by algo=grpo)"),
     mini_batches=(2, "optimizer steps per rollout and epoch, each on a slice of every group (1..group_size)"),
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
+    attn_layer=(-1, "the decoder layer whose attention is the policy (Eq. 2): -1, the final layer, as the paper says;"
+                    " others (0-based, negative from the end) as an ablation"),
+    grad_probe_every=(0, "> 0: every this many RL steps, the gradient norms of the token terms and of the attention "
+                         "term separately, on one micro-batch of the rollout's last optimizer step (METHOD.md, 'The "
+                         "gradient probe'); 0: off"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
     eval_n=(256, "held-out samples (0: no evaluation)"),
@@ -201,8 +207,12 @@ def check(cfg):
          f"--task={cfg['task']} has no endless stream (its media are files): give --train_size and --sft_size")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
-    need(not cfg["sft_stop"] or not cfg["sft_file"], f"--sft_stop={cfg['sft_stop']} (the tiny recipe's early stop) "
-         "validates on the offline task: add --sft_stop=0 with --sft_file")
+    need(cfg["init_from"] != "tiny" or -cfg["tiny_layers"] <= cfg["attn_layer"] < cfg["tiny_layers"],
+         f"--attn_layer={cfg['attn_layer']} is not a decoder layer of the tiny model (--tiny_layers="
+         f"{cfg['tiny_layers']}: use -{cfg['tiny_layers']} .. {cfg['tiny_layers'] - 1})")
+    need(cfg["grad_probe_every"] >= 0, f"--grad_probe_every must be >= 0, got {cfg['grad_probe_every']}")
+    need(not (cfg["grad_probe_every"] and cfg["fsdp"]), "--grad_probe_every needs whole gradients on each rank: "
+         "not with --fsdp=True")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
 
@@ -303,14 +313,43 @@ def rl_loss(clip_eps, beta, lambda_attn, temperature=1.0):
     return loss_fn
 
 
-def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world):
+def grad_probe(clip_eps, beta, lambda_attn, temperature=1.0):
+    """The mechanism, measured (METHOD.md, "The gradient probe"): `probe(model, micro_batch, n_tokens) -> stats`,
+    the gradients w.r.t. the trainable weights of Eq. 4's token terms (surrogate + KL) and of its attention term
+    (Eq. 3, unweighted) taken separately on one micro-batch, never accumulated into .grad: their norms, the
+    attention term's share of the update lambda |g_attn| / (lambda |g_attn| + |g_tok|), and their cosine. Per
+    parameter sums only (no flat copy of the gradient), so it costs one forward and two backwards."""
+    def probe(model, mb, n_tokens):
+        model = getattr(model, "module", model)            # DDP's module: a local gradient, no all-reduce
+        params = [w for w in model.parameters() if w.requires_grad]
+        logp, p = policy_forward(model, mb["batch"], mb["response_len"], temperature=temperature)
+        token = rl_terms(logp, p, mb, n_tokens, clip_eps, beta, 0.0)[0]
+        attn = attention_loss(p, mb["old_p"], mb["adv"], mb["mask"], n_tokens)[0]
+        g_tok = torch.autograd.grad(token, params, retain_graph=True, allow_unused=True)
+        g_attn = torch.autograd.grad(attn, params, allow_unused=True)
+        tt = at = ta = 0.0
+        for a, b in zip(g_tok, g_attn):
+            a, b = (x.double() if x is not None else None for x in (a, b))
+            tt += (a * a).sum().item() if a is not None else 0.0
+            at += (b * b).sum().item() if b is not None else 0.0
+            ta += (a * b).sum().item() if a is not None and b is not None else 0.0
+        tok_norm, attn_norm = math.sqrt(tt), math.sqrt(at)
+        weighted = lambda_attn * attn_norm
+        return dict(probes=1, grad_tok=tok_norm, grad_attn=attn_norm,
+                    attn_share=weighted / (weighted + tok_norm) if weighted + tok_norm > 0 else 0.0,
+                    attn_cos=ta / (tok_norm * attn_norm) if tok_norm * attn_norm > 0 else 0.0)
+    return probe
+
+
+def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world, probe=None):
     """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches and
-    divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step."""
+    divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step.
+    probe (grad_probe): measured on the first micro-batch of the last optimizer step, before it."""
     # the optimizer's parameters: after a no_grad forward FSDP leaves the root unsharded, and model.parameters()
     # would then list plain tensors that never get a gradient instead of the sharded ones
     params = [w for group in optimizer.param_groups for w in group["params"]]
     records = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for k in range(mini_batches):
             mbs = [mb for mb in micro_batches if mb["mini_batch"] == k]
             n_tokens = torch.tensor(float(sum(mb["mask"].sum() for mb in mbs)), device=mbs[0]["mask"].device)
@@ -318,6 +357,8 @@ def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_
                 dist.all_reduce(n_tokens)
             optimizer.zero_grad(set_to_none=True)
             record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), opt_steps=1)
+            if probe is not None and (epoch, k) == (epochs - 1, mini_batches - 1):   # the weights furthest from the
+                record.update(probe(model, mbs[0], n_tokens))                  # rollout's: where Eq. 3 acts most
             for j, mb in enumerate(mbs):
                 sync = j == len(mbs) - 1 or world == 1 or not hasattr(model, "no_sync")  # FSDP reduce-scatters
                 with nullcontext() if sync else model.no_sync():          # each micro-batch's into its shards
@@ -337,6 +378,7 @@ PER_RESPONSE = ("reward", "accuracy", "format", "response_len")
 PER_ROLLOUT_TOKEN = ("attn_entropy", "attn_visual", "attn_target")
 PER_UPDATE_TOKEN = ("kl", "clip", "attn_jsd", "loss")
 METRICS = PER_RESPONSE + ("no_spread_groups",) + PER_ROLLOUT_TOKEN + PER_UPDATE_TOKEN + ("grad_norm",)
+PER_PROBE = ("grad_tok", "grad_attn", "attn_share", "attn_cos")     # only on the steps grad_probe_every picks
 
 
 def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
@@ -356,6 +398,8 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     out.update({k: t[k] / t["tokens"] for k in PER_ROLLOUT_TOKEN})
     out.update({k: t[k] / t["update_tokens"] for k in PER_UPDATE_TOKEN + tuple(per_token)})
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
+    if t.get("probes"):
+        out.update({k: t[k] / t["probes"] for k in PER_PROBE})
     return out
 
 
@@ -412,9 +456,10 @@ def plan(cfg, suite):
 
 
 def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
-          reward_fn=data.reward):
+          reward_fn=data.reward, probe_fn=None):
     """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
-    (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
+    (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']. probe_fn
+    (grad_probe) runs every grad_probe_every steps."""
     if cfg["rl_epochs"] and train_samples is not None:   # passes over the prompts, as the paper's one epoch over 51.2k
         cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
     out, mode = cfg["out_dir"], "zero" if cfg["zero"] else "think"
@@ -426,6 +471,10 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     autocast = compute(cfg, device)
     resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
     model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
+    try:
+        set_attn_layer(model, cfg["attn_layer"])          # the policy's layer, before any capture
+    except ValueError as e:
+        raise UsageError(f"--attn_layer: {e}") from None
     ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
     if ref_model is not None and cfg["fsdp"]:
         shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
@@ -487,8 +536,9 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state
                 group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"]) if cfg["warmup"] else cfg["lr"]
             t1 = time.time()
+            probe = probe_fn if probe_fn and cfg["grad_probe_every"] and step % cfg["grad_probe_every"] == 0 else None
             records = update(train_model, optimizer, micro_batches, loss_fn, cfg["mini_batches"], cfg["epochs"],
-                             cfg["grad_clip"], world)
+                             cfg["grad_clip"], world, probe)
         # log: one row per step, sums over ranks turned into means
         row = dict(step=step + 1, **reduce_stats(stats, records, world, device, extra_stats),
                    time_generate=times["generate"], time_score=times["score"], time_update=time.time() - t1,
@@ -543,7 +593,8 @@ def main(argv, reward_fn=data.reward):
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
                  rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"]), name,
-                 reward_fn=reward_fn)
+                 reward_fn=reward_fn, probe_fn=grad_probe(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"],
+                                                          cfg["temperature"]))
 
 
 if __name__ == "__main__":

@@ -46,9 +46,23 @@ def sampled_accuracy(model, processor, samples, cfg, mode, check):
     return sum(hits) / len(hits)
 
 
+def validation_split(samples, n):
+    """The early stop's validation set for a data file (--sft_file): min(n, 10% of the file, at least 1) records,
+    chosen by a fixed seed (the same for every run seed, so seeds compare on one slice), held out of training.
+    Returns (train, validation)."""
+    if len(samples) < 2:
+        raise UsageError(f"--sft_stop > 0 holds out part of --sft_file for its early stop, but the file has "
+                         f"{len(samples)} record: give more, or --sft_stop=0")
+    k = min(n, max(1, len(samples) // 10))
+    held = set(torch.randperm(len(samples), generator=torch.Generator().manual_seed(VAL_SEED))[:k].tolist())
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
 def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None):
     """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
-    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks.
+    sft_stop, ends at the first validation check that samples at least that accuracy: on sft_val_n draws of the
+    offline task with their own seed, or, with --sft_file, on validation_split's slice of the file, never trained
+    on. Returns the log of checks.
     ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
     model already holds its weights)."""
     tok = processor.tokenizer
@@ -57,8 +71,15 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
-    val = data.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, data.task_options(cfg["task"], cfg),
-                                          os.path.join(cfg["out_dir"], "media")) if cfg["sft_stop"] else None
+    val = None
+    if cfg["sft_stop"] and cfg["sft_file"]:
+        samples, val = validation_split(samples, cfg["sft_val_n"])
+        if rank == 0:
+            print(f"sft: {len(val)} of the {len(samples) + len(val)} records of {cfg['sft_file']} held out for the "
+                  f"early stop (never trained on)")
+    elif cfg["sft_stop"]:
+        val = data.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, data.task_options(cfg["task"], cfg),
+                                              os.path.join(cfg["out_dir"], "media"))
     raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
     if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
         load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])

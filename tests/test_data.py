@@ -117,6 +117,70 @@ def test_resized_image_scales_the_target(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The relational families: counting and left-of
+
+def extent(mask):
+    ys, xs = np.nonzero(mask)
+    return (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+@pytest.mark.parametrize("make", [data.count_task, data.left_task])
+def test_relational_tasks_are_balanced_and_deterministic(make):
+    a, b, c = make(40, seed=3), make(40, seed=3), make(40, seed=4)
+    counts = Counter(s["answer"] for s in a)
+    assert set(counts) == set("ABCD") and max(counts.values()) - min(counts.values()) <= 1
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if k != "image"} == {k: v for k, v in y.items() if k != "image"}
+        assert np.array_equal(pixels(x["image"]), pixels(y["image"]))
+    assert any(not np.array_equal(pixels(x["image"]), pixels(z["image"])) for x, z in zip(a, c))
+    assert len({s["question"] for s in a}) == 1          # one question for all: only the image tells
+
+
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_count_task_target_boxes_are_the_counted_shapes(tokens):
+    for s in data.count_task(24, seed=5, tokens=tokens):
+        img = pixels(s["image"])
+        red = (img == data.PALETTE[data.COUNTED]).all(-1)
+        k = "ABCD".index(s["answer"]) + 1
+        assert s["options"][k - 1] == f"{s['answer']}. {k}" and len(s["target"]["boxes"]) == k
+        inside = np.zeros_like(red)
+        for x0, y0, x1, y1 in s["target"]["boxes"]:
+            assert extent(red[y0:y1, x0:x1]) == (0, 0, x1 - x0, y1 - y0)      # the box is a red shape's extent
+            inside[y0:y1, x0:x1] = True
+        assert red.any() and not (red & ~inside).any()                      # no red outside the boxes
+        # k separate red shapes: the boxes do not touch, and every non-white pixel is a palette colour
+        boxes = s["target"]["boxes"]
+        assert not any(data._overlap(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
+        colours = {tuple(v) for v in img.reshape(-1, 3)}
+        assert colours <= {data.BACKGROUND} | set(data.PALETTE.values())
+
+
+def test_left_task_target_boxes_are_the_leftmost_pair():
+    for s in data.left_task(24, seed=6):
+        img = pixels(s["image"])
+        answer = data.OPTION_COLOURS["ABCD".index(s["answer"])]
+        extents = {c: extent((img == data.PALETTE[c]).all(-1)) for c in data.OPTION_COLOURS}   # one shape each
+        by_x = sorted(extents, key=lambda c: extents[c][0])
+        assert by_x[0] == answer and extents[by_x[1]][0] - extents[answer][0] >= 4
+        assert [tuple(b) for b in s["target"]["boxes"]] == [extents[by_x[0]], extents[by_x[1]]]
+        assert s["rationale"] == f"The leftmost shape is {answer}."
+
+
+def test_target_mask_covers_every_box(tiny):
+    _, processor = tiny
+    for s in data.count_task(8, seed=7, tokens=64):
+        _, masks = data.encode([s], processor)
+        marked = {tuple(rc) for rc in masks["target"][0, masks["visual"][0]].reshape(8, 8).nonzero().tolist()}
+        red = (pixels(s["image"]) == data.PALETTE[data.COUNTED]).all(-1)
+        ys, xs = np.nonzero(red)
+        red_cells = {(y // 28, x // 28) for y, x in zip(ys, xs)}
+        boxes = s["target"]["boxes"]
+        box_cells = {(r, c) for r in range(8) for c in range(8) for x0, y0, x1, y1 in boxes
+                     if c * 28 < x1 and (c + 1) * 28 > x0 and r * 28 < y1 and (r + 1) * 28 > y0}
+        assert marked == box_cells and red_cells <= marked
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Video
 
 def test_mp4_round_trip(tmp_path):

@@ -36,14 +36,15 @@ def image_batch(processor, seed=0):
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
-def eager_policy(model, batch):
-    """The reference: eager attention of the whole model, last layer, head mean, self weight dropped, renormalized."""
+def eager_policy(model, batch, layer=-1):
+    """The reference: eager attention of the whole model, at `layer` (the last by default), head mean, self weight
+    dropped, renormalized."""
     model.set_attn_implementation("eager")
     try:
         out = model(**batch, output_attentions=True, use_cache=False)
     finally:
         model.set_attn_implementation("ral_sdpa")
-    alpha = out.attentions[-1].mean(1)[:, -R:].clone()
+    alpha = out.attentions[layer].mean(1)[:, -R:].clone()
     T = alpha.shape[-1]
     for j in range(R):
         alpha[:, j, T - R + j] = 0
@@ -73,6 +74,31 @@ def test_capture_equals_eager_values_and_gradients(tiny):
     assert len(used) > 10
     for g, r in used:
         assert (g - r).abs().max() < 1e-5 * max(1.0, r.abs().max().item())
+
+
+@pytest.mark.parametrize("layer", [0, 2, -2])
+def test_attn_layer_captures_that_layer(layer):
+    """--attn_layer: the capture of layer k is eager attention's layer k (values and gradients), not the last's."""
+    model, processor = M.build_tiny(seed=0)
+    batch = image_batch(processor, seed=3)
+    assert M.set_attn_layer(model, layer) == layer % model.config.text_config.num_hidden_layers
+    weights = torch.randn(2, R, batch["input_ids"].shape[1], generator=torch.Generator().manual_seed(2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, p = M.policy_forward(model, batch, R)
+    grads = torch.autograd.grad((p * weights).sum(), params, allow_unused=True)
+    ref, _ = eager_policy(model, batch, layer)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), params, allow_unused=True)
+    assert (p - ref).abs().max() < 1e-5
+    assert (p - eager_policy(model, batch, -1)[0]).abs().max() > 1e-3          # another layer's attention differs
+    layers = model.model.language_model.layers
+    above = {id(w) for k in range(layer % len(layers) + 1, len(layers)) for w in layers[k].parameters()}
+    for w, g, r in zip(params, grads, ref_grads):
+        if id(w) in above:                     # layers above the policy's do not shape its attention
+            assert g is None and r is None
+        elif r is not None:
+            assert (g - r).abs().max() < 1e-5 * max(1.0, r.abs().max().item())
+    with pytest.raises(ValueError, match="not a decoder layer"):
+        M.set_attn_layer(model, 4)
 
 
 def test_logits_unchanged_and_logprobs_match(tiny):
