@@ -344,7 +344,8 @@ def grad_probe(clip_eps, beta, lambda_attn, temperature=1.0):
 def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world, probe=None):
     """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches and
     divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step.
-    probe (grad_probe): measured on the first micro-batch of the last optimizer step, before it."""
+    probe (grad_probe): measured before the last optimizer step, on its first micro-batch whose advantages are not
+    all zero (a group without spread has no signal in either term)."""
     # the optimizer's parameters: after a no_grad forward FSDP leaves the root unsharded, and model.parameters()
     # would then list plain tensors that never get a gradient instead of the sharded ones
     params = [w for group in optimizer.param_groups for w in group["params"]]
@@ -358,7 +359,8 @@ def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_
             optimizer.zero_grad(set_to_none=True)
             record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), opt_steps=1)
             if probe is not None and (epoch, k) == (epochs - 1, mini_batches - 1):   # the weights furthest from the
-                record.update(probe(model, mbs[0], n_tokens))                  # rollout's: where Eq. 3 acts most
+                signal = [mb for mb in mbs if mb["adv"].abs().sum() > 0] or mbs      # rollout's, where Eq. 3 acts
+                record.update(probe(model, signal[0], n_tokens))                    # most; a group with spread
             for j, mb in enumerate(mbs):
                 sync = j == len(mbs) - 1 or world == 1 or not hasattr(model, "no_sync")  # FSDP reduce-scatters
                 with nullcontext() if sync else model.no_sync():          # each micro-batch's into its shards

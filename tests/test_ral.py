@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -340,3 +341,103 @@ def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
                        if w.requires_grad])
     moved = (finals[0] - start).abs().max()
     assert moved > 1e-3 and (finals[0] - finals[1]).abs().max() < 1e-4 * moved
+
+
+@pytest.mark.parametrize("lambda_attn", [1.0, 30.0])
+def test_grad_probe_against_separate_backwards(lambda_attn):
+    """--grad_probe_every: the token and attention gradients' norms, the share lambda|g_a| / (lambda|g_a| + |g_t|)
+    and the cosine, against .backward() of each term alone on a copy of the model (numpy for the statistics); the
+    two gradients add up to the full loss's (Eq. 4 is linear in its terms)."""
+    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.04, mini_batches=2)
+    model, _ = build_tiny(seed=1)
+    micro_batches = make_rollout(model, cfg)
+    model.train()
+    opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.5)
+    seen = []
+    probe = ral.grad_probe(0.2, 0.04, lambda_attn)
+    records = ral.update(model, opt, micro_batches, ral.rl_loss(0.2, 0.04, lambda_attn), 2, 1, 1.0, world=1,
+                         probe=lambda m, mb, n: seen.append((copy.deepcopy(m), mb, n)) or probe(m, mb, n))
+    assert "probes" not in records[0] and records[1]["probes"] == 1      # the last optimizer step, once
+    at, mb, n_tokens = seen[0]                                           # the weights the probe saw
+    params = [w for w in at.parameters() if w.requires_grad]
+
+    def grad_of(term):
+        at.zero_grad(set_to_none=True)
+        logp, p = ral.policy_forward(at, mb["batch"], mb["response_len"])
+        loss = {"token": lambda: ral.token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], mb["mask"], n_tokens,
+                                                0.2, 0.04)[0],
+                "attn": lambda: ral.attention_loss(p, mb["old_p"], mb["adv"], mb["mask"], n_tokens)[0],
+                "full": lambda: ral.rl_terms(logp, p, mb, n_tokens, 0.2, 0.04, lambda_attn)[0]}[term]()
+        loss.backward()
+        return np.concatenate([(w.grad if w.grad is not None else torch.zeros_like(w)).double().numpy().ravel()
+                               for w in params])
+    g_t, g_a, g_full = grad_of("token"), grad_of("attn"), grad_of("full")
+    assert np.allclose(g_t + lambda_attn * g_a, g_full, atol=1e-7)
+    t, a = np.linalg.norm(g_t), np.linalg.norm(g_a)
+    assert a > 0 and t > 0                              # one step from the rollout's weights: Eq. 3 acts
+    r = records[1]
+    assert r["grad_tok"] == pytest.approx(t, rel=1e-5) and r["grad_attn"] == pytest.approx(a, rel=1e-5)
+    assert r["attn_share"] == pytest.approx(lambda_attn * a / (lambda_attn * a + t), rel=1e-5)
+    assert r["attn_cos"] == pytest.approx(g_t @ g_a / (t * a), rel=1e-4, abs=1e-6)
+    rollout_sums = dict(dict.fromkeys(ral.PER_RESPONSE + ral.PER_ROLLOUT_TOKEN, 0.0), responses=1, no_spread=0,
+                        groups=1, tokens=1)
+    out = ral.reduce_stats(rollout_sums, records, 1, "cpu")
+    assert out["grad_attn"] == pytest.approx(a, rel=1e-5)                 # one probe: its own values
+
+
+def test_grad_probe_runs_every_few_steps(tmp_path):
+    out = tmp_path / "run"
+    ral.main([f"--out_dir={out}", "--rl_steps=3", "--grad_probe_every=2", *SMALL, "--eval_n=0"],
+             reward_fn=spread_reward)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert ["grad_attn" in r for r in rows] == [True, False, True]          # steps 1 and 3
+    assert all(r["grad_tok"] > 0 and r["grad_attn"] > 0 and 0 < r["attn_share"] < 1 for r in rows[::2])
+
+
+def file_of_searches(tmp_path, n):
+    for i, s in enumerate(data.search_task(n, seed=5, tokens=16)):
+        s["image"].save(tmp_path / f"{i}.png")
+    records = [dict(problem_id=i, problem="What colour is the star?", data_type="image",
+                    problem_type="multiple choice", options=s["options"], solution=f"<answer>{s['answer']}</answer>",
+                    path=f"./{i}.png") for i, s in enumerate(data.search_task(n, seed=5, tokens=16))]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_sft_file_early_stop_holds_out_a_slice_never_trained_on(tmp_path, monkeypatch):
+    """--sft_stop with --sft_file: the early stop validates on min(sft_val_n, 10% of the file) of its records,
+    a fixed slice, and SFT never trains on them; the stop fires at the first check that reaches the target."""
+    path = file_of_searches(tmp_path, 40)
+    samples = data.load_dataset(str(path))
+    trained, validated = [], []
+    real_target = data.sft_target
+    monkeypatch.setattr(data, "sft_target", lambda s, mode: trained.append(s["id"]) or real_target(s, mode))
+    seen = iter([0.2, 0.6])
+    monkeypatch.setattr(sft, "sampled_accuracy", lambda model, processor, val, *a: validated.append(
+        [s["id"] for s in val]) or next(seen))
+    model, processor = build_tiny(layers=1, hidden=64, seed=0)
+    cfg = dict(ral.DEFAULTS, sft_file=str(path), sft_steps=50, sft_batch=8, sft_stop=0.5, sft_val_every=3,
+               sft_val_n=128)
+    log = sft.sft(model, processor, samples, cfg, "zero", "cpu")
+    assert log["steps"] == 6 and [c["sampled_accuracy"] for c in log["checks"]] == [0.2, 0.6]   # the stop fired
+    assert len(validated) == 2 and validated[0] == validated[1] and len(validated[0]) == 4      # 10% of 40
+    assert trained and not set(trained) & set(validated[0])                 # never trained on
+    assert len(set(trained)) > 20                                           # the other 36 are
+    assert len(sft.validation_split(samples, 2)[1]) == 2                     # min(sft_val_n, 10%)
+    with pytest.raises(ral.UsageError, match="--sft_stop"):
+        sft.validation_split(samples[:1], 128)
+
+
+def test_a_data_file_run_with_the_default_stop_is_not_refused(tmp_path):
+    """`python ral.py --sft_file=my.json --train_file=...` with every other option at its default runs."""
+    path = file_of_searches(tmp_path, 12)
+    cfg = ral.configure([f"--sft_file={path}", f"--train_file={path}", f"--out_dir={tmp_path / 'x'}"])
+    assert cfg["sft_stop"] == ral.DEFAULTS["sft_stop"] > 0
+    results = ral.main([f"--out_dir={tmp_path / 'run'}", f"--sft_file={path}", f"--train_file={path}",
+                        f"--eval_file={path}", "--sft_steps=4", "--sft_val_every=2", "--sft_batch=4", "--rl_steps=1",
+                        "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--eval_n=2"],
+                       reward_fn=spread_reward)
+    warm, = tmp_path.glob("warm-tiny4x128-zero-sft4-s0-*")
+    assert [c["step"] for c in json.load(open(warm / "sft_log.json"))["checks"]] == [2]   # validated on the file
+    assert results["after_rl"]["n"] == 2
