@@ -12,7 +12,9 @@ Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zer
 <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
 4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD),
-tasks (RAL vs GRPO on every other task family of data.TASKS, at its default options). Every
+tasks (RAL vs GRPO on every other task family of data.TASKS, at its default options), mechanism (the gradient
+probe on every step: optimizer steps per rollout 2 / 4 / 8, lambda_attn 1 / 10 / 100, the policy's layer final vs
+first, depth 1 / 2 / 4; the report's last column is the attention term's mean share of the update). Every
 arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by
 all arms of the same task; an arm whose results.json exists is never re-run, so an interrupted study resumes. The
 report is written from the runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png,
@@ -64,6 +66,15 @@ def arms(parts):
         out += [("lambda", "search-16 drift", "grpo", "ral.py", ["--algo=grpo", *drift])]
         out += [("lambda", "search-16 drift", f"ral-l{lam}", "ral.py", [f"--lambda_attn={lam}", *drift])
                 for lam in (1, 10, 100)]
+    if "mechanism" in parts:   # what sets the attention term's share of the update (METHOD.md, "The gradient probe")
+        probe = ["--grad_probe_every=1"]
+        out += pair("mechanism", "search-16 probe", probe)
+        out += [("mechanism", "search-16 probe", method, "ral.py", [*probe, *options]) for method, options in (
+            ("ral-steps4", ["--mini_batches=4"]), ("ral-steps8", ["--mini_batches=4", "--epochs=2"]),
+            ("ral-l10", ["--lambda_attn=10"]), ("ral-l100", ["--lambda_attn=100"]),
+            ("ral-layer0", ["--attn_layer=0"]), ("ral-layer0-l100", ["--attn_layer=0", "--lambda_attn=100"]))]
+        for depth in (1, 2):    # another depth is another model: its own warm start and GRPO baseline
+            out += pair("mechanism", f"search-16 depth {depth}", [*probe, f"--tiny_layers={depth}"])
     if "distill" in parts:
         out += [("distill", "search-16", "kd", "distill.py", ["--gamma_attn=0"]),
                 ("distill", "search-16", "kd+attn", "distill.py", [])]
@@ -98,7 +109,10 @@ def collect(out_dir, all_arms, seeds):
             folder = os.path.join(out_dir, f"{arm[0]}-{arm[1].replace(' ', '-')}-{arm[2]}-s{seed}")
             r = evaluation.read_json(os.path.join(folder, "results.json"))
             if "after_rl" in r:
+                probed = [m["attn_share"] for m in map(json.loads, open(os.path.join(folder, "metrics.jsonl")))
+                          if "attn_share" in m]
                 rows.append(dict(part=arm[0], setting=arm[1], method=arm[2], seed=seed, folder=folder,
+                                 share=float(np.mean(probed)) if probed else None,
                                  before=r["before_rl"]["accuracy"], after=r["after_rl"]["accuracy"],
                                  ground_before=r["before_rl"]["grounding"], ground_after=r["after_rl"]["grounding"],
                                  chance=r["after_rl"]["grounding_chance"]))
@@ -117,7 +131,7 @@ def report(rows, out_dir, command):
              "interval, from the runs' results.json (held-out accuracy in %, greedy; grounding: the share of the "
              "answer's attention on visual tokens that lands on the target's tokens).\n",
              "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) | grounding before "
-             "-> after (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
+             "-> after (uniform) | attention share (probe) |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["part"], r["setting"], r["method"]) for r in rows))
     for part, setting, method in keys:
         mine = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == (part, setting, method)}
@@ -126,10 +140,11 @@ def report(rows, out_dir, command):
         paired = [mine[s]["after"] - base[s]["after"] for s in mine if s in base]
         vs = "–" if method in ("grpo", "kd") or not paired else interval(paired)
         g = lambda key: np.mean([r[key] for r in mine.values() if r[key] is not None] or [np.nan])
+        share = "–" if np.isnan(g("share")) else f"{g('share'):.2g}"
         lines.append(f"| {part} | {setting} | {method} | {len(mine)} | {interval([r['before'] for r in mine.values()])}"
                      f" | {interval([r['after'] for r in mine.values()])} | "
                      f"{interval([r['after'] - r['before'] for r in mine.values()])} | {vs} | "
-                     f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) |")
+                     f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) | {share} |")
     for part, setting in dict.fromkeys(k[:2] for k in keys):   # the evidence behind each mean: one row per seed
         methods = [m for p, s, m in keys if (p, s) == (part, setting)]
         at = {(r["method"], r["seed"]): r for r in rows if (r["part"], r["setting"]) == (part, setting)}
@@ -196,13 +211,15 @@ def plots(rows, out_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--parts", default=None, help="comma-separated: core, think, sizes, lambda, distill, tasks (default: "
+    ap.add_argument("--parts", default=None, help="comma-separated: core, think, sizes, lambda, distill, tasks, "
+                                                  "mechanism (default: "
                                                   "core; with --quick: all)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
     ap.add_argument("--out_dir", default="out/study")
     args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
-    parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill", "tasks"] if args.quick \
+    parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill", "tasks",
+                                                      "mechanism"] if args.quick \
         else ["core"]
     seeds = list(range(2 if args.quick and args.seeds == 5 else args.seeds))
     extra = (QUICK if args.quick else []) + passed
