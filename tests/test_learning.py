@@ -21,6 +21,7 @@ import torch
 import data
 import ral
 import sft
+import tasks
 from model import build_tiny, generate, to_device
 
 STEPS, PROMPTS, G = 8, 4, 8
@@ -35,7 +36,7 @@ def answer_is(letter):
     return reward_fn
 
 
-FAMILIES = dict(search=data.search_task, count=data.count_task)   # two task families of data.TASKS
+FAMILIES = dict(search=tasks.search_task, count=tasks.count_task)   # two task families of tasks.TASKS
 
 
 @torch.no_grad()
