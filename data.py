@@ -13,6 +13,7 @@ A sample is a plain dict: id, question (with the lettered options), options, ans
 rationale (thinking text or None), source; samples from load_dataset also carry origin ("file:line"), which
 errors raised later (a frame that does not decode) name.
 """
+import functools
 import json
 import math
 import os
@@ -184,6 +185,45 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
                             rationale=(f"The star is in frame {needle + 1} of {frames}, in the {_where(box, side)}. "
                                        f"It is {colour}."), source="video"))
     return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds and orders: every draw a function of (seed, step, ...), the same for any number of ranks and after a resume
+
+def epoch_prompts(n, step, per_step, seed):
+    """The prompt indices of one RL step: the file is read in seeded epochs without replacement (epoch e is
+    randperm(n) seeded by (seed, e); step s takes positions s * per_step ... of that sequence). A function of the
+    step alone: the same order for any number of ranks, and after a resume."""
+    orders = {}
+    picked = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch = position // n
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+        picked.append(int(orders[epoch][position % n]))
+    return picked
+
+
+def seed_for(*parts):
+    """A deterministic seed from (seed, step, group): the rollout does not depend on rank count or resumption."""
+    h = 0
+    for part in parts:
+        h = (h * 1_000_003 + int(part)) % (2 ** 62)
+    return h
+
+
+STREAM_SEED, BLOCK = 1 << 20, 64   # stream seeds lie above eval's held-out seed and sft's validation seed
+
+
+def offline_stream(cfg, stage):
+    """The offline search task as an endless stream for one stage (0: SFT, 1: RL): item i lies in block i // 64,
+    drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a resume.
+    Returns take(start, count) -> samples."""
+    @functools.lru_cache(maxsize=4)
+    def block(b):
+        return search_task(BLOCK, seed=STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40,
+                                tokens=cfg["task_tokens"])
+    return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

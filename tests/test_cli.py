@@ -9,6 +9,7 @@ import pytest
 
 import distill
 import ral
+import sft
 from helpers import spread_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_config_file_then_overrides(tmp_path):
 def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     def path(*argv):
         cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *argv])
-        return ral.warm_path(cfg, ral.warm_recipe(cfg))
+        return sft.warm_path(cfg, sft.warm_recipe(cfg))
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     (tmp_path / "a" / "sft.json").write_text("[1]")
     (tmp_path / "b" / "sft.json").write_text("[2]")
@@ -108,14 +109,14 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
 
 def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
     cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL])
-    first = ral.warm_start(cfg, [], "think", "cpu", 0, 1)
+    first = sft.warm_start(cfg, [], "think", "cpu", 0, 1)
     assert "warm start saved" in capsys.readouterr().out
-    assert ral.warm_start(cfg, [], "think", "cpu", 0, 1) == first
+    assert sft.warm_start(cfg, [], "think", "cpu", 0, 1) == first
     said = capsys.readouterr().out
     assert f"reusing the warm start {first}: same recipe" in said and "sft_lr=0.0005" in said
     other = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL, "--sft_lr=0.1", f"--warm_dir={first}"])
     with pytest.raises(ral.UsageError, match=r"another recipe \(differs in \['sft_lr'\]\)"):
-        ral.warm_start(other, [], "think", "cpu", 0, 1)
+        sft.warm_start(other, [], "think", "cpu", 0, 1)
 
 
 def test_wandb_logs_every_step_and_rl_epochs_set_the_steps(tmp_path, monkeypatch):
