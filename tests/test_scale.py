@@ -120,3 +120,63 @@ def test_mixed_media_sft_and_rl_on_two_fsdp_ranks_match_one_process(tmp_path):
         # k_proj.bias: the float noise of a zero gradient, turned into steps by AdamW (tests/test_fsdp.py)
         diff = max((a[k] - b[k]).abs().max().item() for k in a if "k_proj.bias" not in k)
         assert moved > 1e-4 and diff < 1e-3 * moved, (stage, moved, diff)
+
+
+RESUME = """
+import os, sys, time, torch, torch.distributed as dist
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+from torch.distributed.tensor import DTensor
+import data, model as M, ral, scale
+cfg = ral.configure(["--fsdp=True", "--dist_timeout=1234", "--prompts_per_step=2", "--out_dir={out}"])
+rank, world, device = scale.setup_distributed(cfg)
+timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout    # gloo's default is 30 minutes
+assert timeout.total_seconds() == 1234, timeout
+model, processor = M.build_tiny(layers=1, hidden=64, seed=0)
+scale.wrap(model, cfg, world, device)
+params = [w for w in model.parameters() if w.requires_grad]
+trained = torch.optim.AdamW(params, lr=1e-3)
+batch, _ = data.encode(data.search_task(2, seed=rank, tokens=16), processor, "zero")
+full, mask = M.append_responses(batch, [[20, 21, 22]] * 2, processor.tokenizer.pad_token_id)
+M.policy_forward(model, full, 3, attention=False)[0].sum().backward()
+trained.step()
+trained.zero_grad(set_to_none=True)     # as the trainer leaves it
+scale.save_checkpoint("{out}/ckpt", model, processor, trained, dict(step=1), rank)
+dist.barrier()
+
+calls, load = [], torch.load
+torch.load = lambda *args, **kwargs: calls.append(kwargs) or load(*args, **kwargs)
+state = scale.load_trainer_state("{out}/ckpt", rank, fsdp=True)
+torch.load = load
+# on the CPU, memory-mapped (a tensor is read from the file when it is broadcast), never on the training device
+assert [(c["map_location"], c["mmap"]) for c in calls] == [("cpu", True)], calls
+if rank == 0:
+    saved = [v for s in state["optimizer"]["state"].values() for v in s.values() if v.dim()]
+    assert all(v.device.type == "cpu" for v in saved)
+    whole = torch.tensor(float(sum(v.numel() * v.element_size() for v in saved)))
+else:           # the others read none of it
+    assert state["optimizer"] is None
+    whole = torch.tensor(0.0)
+dist.broadcast(whole, 0)
+resumed = torch.optim.AdamW(params, lr=1e-3)
+scale.load_optimizer(model, resumed, state["optimizer"], fsdp=True)
+mine = 0
+for w in params:    # each rank holds exactly its own shards of the trained optimizer state, and no more
+    for key in ("exp_avg", "exp_avg_sq"):
+        a, b = trained.state[w][key], resumed.state[w][key]
+        assert isinstance(b, DTensor) and torch.equal(a.to_local(), b.to_local())
+        mine += b.to_local().numel() * b.element_size()
+total = torch.tensor(float(mine))
+dist.all_reduce(total)
+assert total == whole and abs(mine - whole / world) < 0.05 * whole, (mine, whole.item())
+print(f"rank {{rank}} holds {{mine}} of {{int(whole)}} optimizer bytes")
+
+dist.barrier()
+"""
+
+
+def test_resume_hands_each_fsdp_rank_only_its_optimizer_shard(tmp_path):
+    """On 2 FSDP ranks, after one AdamW step and a checkpoint: trainer_state.pt is read memory-mapped on the CPU,
+    rank 1 keeps no optimizer state from it, and after load_optimizer each rank holds exactly its own shards of
+    the trained state (half the bytes of the whole). The process group has --dist_timeout's timeout."""
+    out = launch(RESUME.format(root=ROOT, out=tmp_path / "run"), [], 2, "resume", tmp_path, timeout=300)
+    assert "rank 0 holds" in out and "rank 1 holds" in out, out
