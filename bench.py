@@ -291,7 +291,8 @@ def print_tables(results):
         print(f"| before / after | {r['speedup']['generate_s']:.2f} | | | {r['speedup']['step_s']:.2f} |")
     if "memory" in results:
         print("\n### Training state per GPU, before activations (GB = 1e9 bytes): fp32 master weights + fp32 "
-              "gradients + AdamW (fp32) + bf16 frozen vision tower + bf16 reference model\n")
+              "gradients + AdamW (fp32) + bf16 frozen vision tower (one replica per GPU, shared with the reference) + "
+              "bf16 reference LLM\n")
         print("| model | parameters | mode | GPUs | weights | gradients | AdamW | reference | total | state under 80 GB |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results["memory"]:
