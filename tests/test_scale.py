@@ -7,6 +7,7 @@ import json
 import torch
 
 import data
+import tasks
 from test_fsdp import SCRIPT, launch
 from model import build_tiny
 from test_ral import ROOT, params_of
@@ -15,12 +16,12 @@ MEDIA = """
 import copy, os, sys, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 from torch.distributed.tensor import DTensor
-import data, model as M, scale
+import data, model as M, scale, tasks
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model, processor = M.build_tiny(seed=0)
 plain = copy.deepcopy(model)
-image = data.search_task(2, seed=1, tokens=16)
+image = tasks.search_task(2, seed=1, tokens=16)
 video = dict(image[0], id="video", image=None, video={video!r})
 text = dict(image[1], id="text", image=None)
 # rank 0: an image and a video in one batch (two tower calls), rank 1: text alone (none)
@@ -56,17 +57,17 @@ def test_fsdp_ranks_with_different_media_stay_in_step(tmp_path):
     only text: the sharded gradients equal the unsharded model's mean over both batches, and generation on each
     rank's own batch equals the unsharded model's. A sharded tower would be gathered twice on rank 0 and never on
     rank 1 (gloo: "Received data size doesn't match expected size")."""
-    video, = data.video_task(1, seed=2, frames=4, folder=str(tmp_path / "videos"), tokens_per_frame=16)
+    video, = tasks.video_task(1, seed=2, frames=4, folder=str(tmp_path / "videos"), tokens_per_frame=16)
     out = launch(MEDIA.format(root=ROOT, video=video["video"]), [], 2, "media", tmp_path, timeout=300)
     assert "ok 0" in out and "ok 1" in out
 
 
 def video_r1_file(folder, kinds):
-    """A Video-R1 layout JSONL written with data.py's writers: search images (PNG) and needle videos (mp4), in the
-    order of kinds ('image' / 'video'), with rationales for SFT."""
+    """A Video-R1 layout JSONL written with the offline tasks' writers (tasks.py): search images (PNG) and needle
+    videos (mp4), in the order of kinds ('image' / 'video'), with rationales for SFT."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = data.search_task(len(kinds), seed=5, tokens=16)
-    videos = data.video_task(len(kinds), seed=5, frames=4, folder=str(folder), tokens_per_frame=16)
+    images = tasks.search_task(len(kinds), seed=5, tokens=16)
+    videos = tasks.video_task(len(kinds), seed=5, frames=4, folder=str(folder), tokens_per_frame=16)
     rows = []
     for i, kind in enumerate(kinds):
         s = images[i] if kind == "image" else videos[i]
@@ -126,7 +127,7 @@ RESUME = """
 import os, sys, time, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 from torch.distributed.tensor import DTensor
-import data, model as M, ral, scale
+import data, model as M, ral, scale, tasks
 cfg = ral.configure(["--fsdp=True", "--dist_timeout=1234", "--prompts_per_step=2", "--out_dir={out}"])
 rank, world, device = scale.setup_distributed(cfg)
 timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout    # gloo's default is 30 minutes
@@ -135,7 +136,7 @@ model, processor = M.build_tiny(layers=1, hidden=64, seed=0)
 scale.wrap(model, cfg, world, device)
 params = [w for w in model.parameters() if w.requires_grad]
 trained = torch.optim.AdamW(params, lr=1e-3)
-batch, _ = data.encode(data.search_task(2, seed=rank, tokens=16), processor, "zero")
+batch, _ = data.encode(tasks.search_task(2, seed=rank, tokens=16), processor, "zero")
 full, mask = M.append_responses(batch, [[20, 21, 22]] * 2, processor.tokenizer.pad_token_id)
 M.policy_forward(model, full, 3, attention=False)[0].sum().backward()
 trained.step()
