@@ -29,8 +29,8 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from cli import UsageError, cli, parse
-from model import append_responses, build_tiny, check_source, concat_batches, encode_visuals_once, generate, load, \
-    policy_forward, take_rows, to_device, with_responses
+from model import append_responses, build_tiny, check_source, concat_batches, encode_visuals_once, end_ids, generate, \
+    load, policy_forward, take_rows, to_device, with_responses
 from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
     shard, wrap
 
@@ -136,7 +136,7 @@ OPTIONS = dict(   # name: (default, meaning)
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(256, "held-out samples (0: no evaluation)"),
+    eval_n=(256, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole file)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
@@ -303,8 +303,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
         else:
             idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
             chosen = [samples[i] for i in idx]
-        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                   for s in chosen]
+        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + end_ids(raw)[:1]
+                   for s in chosen]   # the checkpoint's own end of a turn (Qwen2.5-VL Instruct: <|im_end|>)
         # the token mean over the whole global batch: the same objective for any ranks and micro-batches
         n_tokens = torch.tensor(float(sum(map(len, targets))), device=device)
         if world > 1:
@@ -518,8 +518,10 @@ def load_samples(cfg, rank=0, world=1):
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
-    held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
-                evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
+    if cfg["eval_file"]:      # a file given is always evaluated: its first eval_n samples, or all of it (eval_n=0)
+        held_out = read_samples(cfg["eval_file"])[:cfg["eval_n"] or None]
+    else:
+        held_out = evaluation.suite(name, n=cfg["eval_n"]) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 

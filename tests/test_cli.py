@@ -135,3 +135,16 @@ def test_wandb_logs_every_step_and_rl_epochs_set_the_steps(tmp_path, monkeypatch
     steps = [entry[0] for entry in logged if isinstance(entry, tuple) and "reward" in entry[1]]
     assert logged[0] == 2 and steps == [1, 2] and logged[-1] == "finished"
     assert any(isinstance(e, tuple) and "eval/after_rl/accuracy" in e[1] for e in logged)
+
+
+def test_the_7b_preset_evaluates_the_eval_file(tmp_path):
+    """config/qwen7b_8gpu.py sets eval_n = 0: with --eval_file that is the whole file (it was silently nothing),
+    --eval_n takes its first n; without a file, eval_n = 0 is no evaluation."""
+    from test_eval import write_benchmark
+    path = write_benchmark(tmp_path, n=5)
+    held_out = lambda *argv: ral.load_samples(ral.configure(["config/qwen7b_8gpu.py", f"--out_dir={tmp_path / 'run'}",
+                                                             *argv]))[2]
+    assert ral.configure(["config/qwen7b_8gpu.py"])["eval_n"] == 0
+    assert [s["id"] for s in held_out(f"--eval_file={path}")] == ["0", "1", "2", "3", "4"]
+    assert len(held_out(f"--eval_file={path}", "--eval_n=2")) == 2
+    assert held_out() == []
