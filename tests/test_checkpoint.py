@@ -119,13 +119,13 @@ def hub_args(hub, out, *extra):
 
 @pytest.fixture(scope="module")
 def runs(hub, tmp_path_factory):
-    """From the hub folder on 2 gloo ranks: SFT (2 steps, think format) and 2 RL steps under DDP; 1 RL step under
-    FSDP from the same warm start (reused), then resumed to 2."""
+    """From the hub folder on 2 gloo ranks: SFT (2 steps, think format) and 2 RL steps under DDP, then 2 under FSDP
+    from the same warm start (reused); the DDP run resumed in one process to a third step."""
     tmp = tmp_path_factory.mktemp("runs")
     script = SCRIPT.format(root=ROOT)
     launch(script, hub_args(hub[0], tmp / "ddp", "--rl_steps=2", "--ckpt_every=1"), 2, "ddp", tmp)
-    launch(script, hub_args(hub[0], tmp / "fsdp", "--rl_steps=1", "--fsdp=True"), 2, "fsdp", tmp)
-    launch(script, hub_args(hub[0], tmp / "fsdp", "--rl_steps=2", "--fsdp=True", "--resume=True"), 2, "fsdp", tmp)
+    launch(script, hub_args(hub[0], tmp / "fsdp", "--rl_steps=2", "--fsdp=True"), 2, "fsdp", tmp)
+    ral.main(hub_args(hub[0], tmp / "ddp", "--rl_steps=3", "--resume=True"), reward_fn=spread_reward)
     return tmp
 
 
@@ -136,14 +136,14 @@ def test_sft_and_rl_from_the_hub_folder_under_ddp_and_fsdp(hub, runs):
     start = start.state_dict()
     trained = lambda a, b: [k for k in a if not torch.equal(a[k], b[k])]
     assert trained(initial, start) and all("visual" not in k for k in trained(initial, start))   # SFT moved the LLM
-    for run in ("ddp", "fsdp"):
+    for run, steps in (("ddp", 3), ("fsdp", 2)):
         rows = [json.loads(line) for line in open(runs / run / "metrics.jsonl")]
-        assert [r["step"] for r in rows] == [1, 2] and all(r["reward"] > 0 for r in rows)
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)) and all(r["reward"] > 0 for r in rows)
         results = json.load(open(runs / run / "results.json"))
         assert results["before_rl"]["n"] == results["after_rl"]["n"] == 2
         end = M.load(str(runs / run / "ckpt"))[0].state_dict()
         assert trained(start, end) and all("visual" not in k for k in trained(start, end)), run
-    assert torch.load(runs / "fsdp" / "ckpt" / "trainer_state.pt", weights_only=True)["step"] == 2
+        assert torch.load(runs / run / "ckpt" / "trainer_state.pt", weights_only=True)["step"] == steps
 
 
 def test_eval_and_distill_on_hub_folders(hub, runs, tmp_path, monkeypatch):
