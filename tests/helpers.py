@@ -74,8 +74,9 @@ def hub_config(vocab_size, layers=2, hidden=64, heads=4, kv_heads=2, intermediat
 def corpus():
     """Text the tokenizer is trained on: the offline tasks' prompts, rationales and both answer formats."""
     import data
+    import tasks
     lines = []
-    for s in data.search_task(16, seed=0, tokens=16):
+    for s in tasks.search_task(16, seed=0, tokens=16):
         for mode in ("think", "zero"):
             lines += [m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"]
                       for m in data.prompt_messages(s, mode)] + [data.sft_target(s, mode)]

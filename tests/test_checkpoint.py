@@ -18,6 +18,7 @@ import distill
 import eval as evaluation
 import model as M
 import ral
+import tasks
 from helpers import GEOMETRY_7B, IDS, hub_tokenizer, spread_reward, write_hub_checkpoint
 from test_fsdp import SCRIPT, launch
 from test_model import eager_policy
@@ -79,7 +80,7 @@ def test_prompt_on_the_hub_tokenizer(hub, tmp_path):
     assert tok.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>Which colour?<|im_end|>\n<|im_start|>assistant\n")
-    video, = data.video_task(1, seed=0, frames=4, folder=str(tmp_path))
+    video, = tasks.video_task(1, seed=0, frames=4, folder=str(tmp_path))
     image = sample()
     batch, masks = data.encode([image, video], processor, "think")
     texts = [m["content"][-1]["text"] for s in (image, video) for m in data.prompt_messages(s, "think")[1:]]
@@ -172,7 +173,7 @@ def video_file(path, seconds=3, fps=30, size=(640, 360)):
         frame = x.copy()
         frame[40:100, 10 + 4 * i:70 + 4 * i] = (220, 30, 30)
         frames.append(Image.fromarray(frame))
-    data.write_mp4(frames, path, fps=fps)
+    tasks.write_mp4(frames, path, fps=fps)
     return path
 
 
