@@ -124,7 +124,7 @@ def runs(hub, tmp_path_factory):
     from the same warm start (reused); the DDP run resumed in one process to a third step."""
     tmp = tmp_path_factory.mktemp("runs")
     script = SCRIPT.format(root=ROOT)
-    launch(script, hub_args(hub[0], tmp / "ddp", "--rl_steps=2", "--ckpt_every=1"), 2, "ddp", tmp)
+    launch(script, hub_args(hub[0], tmp / "ddp", "--rl_steps=2"), 2, "ddp", tmp)
     launch(script, hub_args(hub[0], tmp / "fsdp", "--rl_steps=2", "--fsdp=True"), 2, "fsdp", tmp)
     ral.main(hub_args(hub[0], tmp / "ddp", "--rl_steps=3", "--resume=True"), reward_fn=spread_reward)
     return tmp
