@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -168,13 +168,13 @@ def ral_sdpa(module, query, key, value, attention_mask, **kwargs):
     closed when backward recomputes the layer, and the capture saves nothing inside it)."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
-        _capture.update(query=query, key=key, mask=attention_mask, groups=module.num_key_value_groups,
-                        scaling=kwargs.get("scaling", module.scaling))
+        _capture.update(query=query, key=key, mask=attention_mask, scaling=kwargs.get("scaling", module.scaling))
     return out
 
 
 def attention_policy(query, key, attention_mask, rows, scaling):
-    """query B x H x T x d (after rotary), key B x H x T x d, attention_mask: None (plain causal) or SDPA's boolean
+    """query B x H x T x d (after rotary), key B x K x T x d (the K key-value heads as the layer computed them, before
+    repeat_kv: query head h reads key head h // (H / K)), attention_mask: None (plain causal) or SDPA's boolean
     B x 1 x T x T (True = may attend) or additive float mask. Returns B x rows x T: p^t over keys, zero at t and after.
     """
     T = key.shape[2]
@@ -195,28 +195,31 @@ def head_softmax(q, k, allowed, scaling):
 
 
 class HeadMeanSoftmax(torch.autograd.Function):
-    """The mean over heads of the attention weights of R query rows, B x R x T. Autograd alone would keep every
-    head's B x R x T weights for backward; this keeps only q and k and recomputes one head at a time, so the
-    capture's memory is O(B x R x T)."""
+    """The mean over the H query heads of the attention weights of R query rows, B x R x T. Autograd alone would
+    keep every head's B x R x T weights for backward; this keeps only q (B x H x R x d) and k (B x K x T x d, the K
+    key-value heads, not repeated to H: grouped-query attention shares key head h // (H / K) among H / K query
+    heads) and recomputes one head at a time, so the capture's memory is O(B x R x T)."""
 
     @staticmethod
     def forward(ctx, q, k, allowed, scaling):
         ctx.save_for_backward(q, k, allowed)
-        ctx.scaling = scaling
+        ctx.scaling, groups = scaling, q.shape[1] // k.shape[1]
         out = head_softmax(q[:, 0], k[:, 0], allowed, scaling)
         for h in range(1, q.shape[1]):
-            out += head_softmax(q[:, h], k[:, h], allowed, scaling)
+            out += head_softmax(q[:, h], k[:, h // groups], allowed, scaling)
         return out / q.shape[1]
 
     @staticmethod
     def backward(ctx, grad):
         q, k, allowed = ctx.saved_tensors
-        s, g = ctx.scaling, grad / q.shape[1]
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        s, g, groups = ctx.scaling, grad / q.shape[1], q.shape[1] // k.shape[1]
+        dq, dk = torch.empty_like(q), torch.zeros_like(k)
         for h in range(q.shape[1]):
-            a = head_softmax(q[:, h], k[:, h], allowed, s)
+            kh = k[:, h // groups]
+            a = head_softmax(q[:, h], kh, allowed, s)
             ds = a * (g - (a * g).sum(-1, keepdim=True))                       # softmax backward
-            dq[:, h], dk[:, h] = ds @ k[:, h] * s, ds.transpose(1, 2) @ q[:, h] * s
+            dq[:, h] = ds @ kh * s
+            dk[:, h // groups] += ds.transpose(1, 2) @ q[:, h] * s             # a key head sums its query heads
         return dq, dk, None, None
 
 
@@ -322,8 +325,7 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
-    p = attention_policy(c["query"], repeat_kv(c["key"], c["groups"]), c["mask"], response_len, c["scaling"]) \
-        if attention else None
+    p = attention_policy(c["query"], c["key"], c["mask"], response_len, c["scaling"]) if attention else None
     return (logp, p, logprobs) if full else (logp, p)
 
 

@@ -166,6 +166,25 @@ def test_head_mean_softmax_gradcheck():
     assert torch.allclose(M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), reference)
 
 
+def test_head_mean_softmax_grouped_query_heads():
+    """Key heads shared by groups of query heads (6 query heads, 2 key heads), as the 7B's 28 and 4: the same values
+    and gradients as the key heads repeated to 6 (transformers' repeat_kv), and finite differences agree."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 6, 4, 5, dtype=torch.float64, generator=g), torch.randn(2, 2, 7, 5, dtype=torch.float64,
+                                                                                  generator=g)
+    allowed = torch.rand(2, 4, 7, generator=g) > 0.3
+    allowed[..., 0] = True
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k: M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), (q, k))
+    repeated = lambda k: k.repeat_interleave(3, 1)                  # query head h reads key head h // 3
+    ours = M.HeadMeanSoftmax.apply(q, k, allowed, 0.4)
+    reference = torch.stack([M.head_softmax(q[:, h], repeated(k)[:, h], allowed, 0.4) for h in range(6)]).mean(0)
+    w = torch.randn(ours.shape, dtype=torch.float64, generator=g)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad((x * w).sum(), (q, k)) for x in (ours, reference)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*grads))
+
+
 def test_float_mask_equals_boolean_mask():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 6, 4, generator=g), torch.randn(1, 2, 6, 4, generator=g)
