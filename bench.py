@@ -35,12 +35,17 @@ import sys
 import time
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
 import data
 import eval as evaluation
 import ral
-from model import build_tiny, policy_forward, training_memory
+from model import attention_policy, build_tiny, capturing, policy_forward, ral_sdpa, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
@@ -86,19 +91,51 @@ def timed_step(model, batch, rows, variant):
 def saved_bytes(model, batch, rows, variant):
     """Bytes autograd keeps for backward: every saved tensor's storage once, the parameters not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    n = saved_bytes_of(lambda: variant_loss(model, batch, rows, variant), params)
+    model.zero_grad(set_to_none=True)
+    return n
+
+
+def saved_bytes_of(loss_fn, exclude=()):
+    """Bytes of the tensors autograd saves for backward while loss_fn() runs (each storage once, those whose
+    data_ptr is in `exclude` not counted); then runs the backward."""
     storages = {}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in params:
+        if s.data_ptr() not in exclude:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = variant_loss(model, batch, rows, variant)
+        loss = loss_fn()
     loss.backward()
-    model.zero_grad(set_to_none=True)
     return sum(storages.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside the block, the bytes of every storage an operation made that is still alive (live()), and their peak
+    after any operation (peak): what a forward keeps for backward, whoever keeps it (autograd, a checkpoint, a
+    Python reference), and the working set, on any device. Storages made before the block (weights, inputs) are
+    not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:   # views are not new
+                s = t.untyped_storage()
+                self.storages[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+        self.peak = max(self.peak, self.live())
+        return out
+
+    def live(self):
+        self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
+        return sum(n for _, n in self.storages.values())
 
 
 def peak_rss_growth(size, seq, batch, rows, variant):
@@ -155,6 +192,85 @@ def bench_capture(sizes, seqs, batch, rows, repeats, rss):
     if rss:   # after all timing, one process at a time, so the subprocesses never run beside a timed step
         for r in results:
             r["rss_growth_bytes"] = peak_rss_growth(r["size"], r["T"], r["B"], r["R"], r["variant"])
+    return results
+
+
+# The paper takes the attention by running the last layer alone in eager attention (docs/METHOD.md): every head's
+# B x H x T x T weights are then saved for backward. Ours runs SDPA and keeps q and the key heads (policy_forward).
+# One attention layer at the 7B final layer's shape, fed the same q, k, v, so the difference is the capture alone.
+LAYER_7B = dict(heads=28, kv_heads=4, head_dim=128)
+LAYER_VARIANTS = ("sdpa", "capture", "capture_repeat_kv", "eager_last_layer")
+
+
+def attention_layer(heads, kv_heads, head_dim):
+    """Qwen2.5-VL's text attention module with this shape, as the last layer of its model (its projections on the
+    meta device: the kernels read only its attributes)."""
+    text = dict(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                num_hidden_layers=1, vocab_size=64)
+    with torch.device("meta"):
+        layer = Qwen2_5_VLAttention(Qwen2_5_VLConfig(text_config=text).text_config, layer_idx=0)
+    return layer.train()
+
+
+def layer_loss(layer, q, k, v, rows, variant, weights, causal):
+    """One attention layer's output and, except under sdpa, the attention policy p of the last `rows` query rows
+    (Eq. 2), dotted with fixed random weights: a scalar whose backward needs everything the variant keeps.
+    Causal, no padding: SDPA and our kernel get no mask (is_causal), eager the additive causal mask `causal`."""
+    w_out, w_p = weights
+    if variant == "eager_last_layer":
+        out, alpha = eager_attention_forward(layer, q, k, v, causal, scaling=layer.scaling)
+        p = without_self(alpha[:, :, -rows:].float().mean(1))
+    else:
+        with capturing() as c:
+            out = ral_sdpa(layer, q, k, v, None, scaling=layer.scaling)[0]
+        if variant == "sdpa":
+            return (out.float() * w_out).sum()
+        key = repeat_kv(c["key"], layer.num_key_value_groups) if variant == "capture_repeat_kv" else c["key"]
+        p = attention_policy(c["query"], key, c["mask"], rows, c["scaling"])
+    return (out.float() * w_out).sum() + (p * w_p).sum()
+
+
+def bench_layer(seqs, rows, batch, repeats, device="cpu", dtype=torch.float32, shape=LAYER_7B):
+    """Per T: bytes saved for backward (machine-independent), median forward + backward time and, on CUDA, the peak
+    memory above the inputs, of the four variants at one attention layer of `shape`, interleaved."""
+    layer, results = attention_layer(**shape), []
+    H, K, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    for T in seqs:
+        R = min(rows, T // 2)
+        g = torch.Generator(device).manual_seed(T)
+        leaf = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype).requires_grad_()
+        q, k, v = leaf(batch, H, T, d), leaf(batch, K, T, d), leaf(batch, K, T, d)
+        weights = (torch.randn(batch, T, H, d, generator=g, device=device), torch.randn(batch, R, T, generator=g,
+                                                                                          device=device))
+        causal = torch.full((T, T), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+        inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, causal, *weights)}
+        step = lambda variant: layer_loss(layer, q, k, v, R, variant, weights, causal)
+        times, peaks = {v: [] for v in LAYER_VARIANTS}, {}
+        for rep in range(repeats + 1):                          # repetition 0 is the warm-up
+            for variant in (LAYER_VARIANTS if rep % 2 else LAYER_VARIANTS[::-1]):
+                q.grad = k.grad = v.grad = None
+                if device.startswith("cuda"):
+                    sync(), torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                step(variant).backward()
+                sync()
+                if rep:
+                    times[variant].append(time.perf_counter() - t0)
+                if device.startswith("cuda"):
+                    peaks[variant] = torch.cuda.max_memory_allocated() - base
+        for variant in LAYER_VARIANTS:
+            results.append(dict(T=T, B=batch, R=R, variant=variant, device=device, dtype=str(dtype).split(".")[-1],
+                                time_s=statistics.median(times[variant]),
+                                time_vs_sdpa=statistics.median(a / b for a, b in zip(times[variant], times["sdpa"])),
+                                saved_bytes=saved_bytes_of(lambda: step(variant), inputs), peak_bytes=peaks.get(variant)))
+        sdpa = results[-len(LAYER_VARIANTS)]["saved_bytes"]
+        for r in results[-len(LAYER_VARIANTS):]:
+            r["saved_beyond_sdpa"] = r["saved_bytes"] - sdpa
+        print(f"  layer T={T}: " + ", ".join(f"{r['variant']} {r['time_s']:.3f}s"
+                                            for r in results[-len(LAYER_VARIANTS):]), file=sys.stderr)
+        del q, k, v, weights, causal
     return results
 
 
@@ -242,19 +358,66 @@ QWEN25_VL = {
 }
 
 
+def meta_model(name):
+    """The released Qwen2.5-VL config `name` on the meta device (no weights), vision tower frozen as model.prepare."""
+    text = QWEN25_VL[name]
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.model.visual.requires_grad_(False)
+    return model
+
+
 def bench_memory(gpus):
     rows = []
-    for name, text in QWEN25_VL.items():
-        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"])
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
-        with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-        model.model.visual.requires_grad_(False)          # frozen, as model.prepare does
+    for name in QWEN25_VL:
+        model = meta_model(name)
         params = sum(w.numel() for w in model.parameters())
         for mode in ("DDP", "FSDP"):
             m = training_memory(model, gpus, fsdp=mode == "FSDP")
             rows.append(dict(model=f"Qwen2.5-VL-{name}", params=params, mode=mode, gpus=gpus, **m))
     return rows
+
+
+def activation_memory(text, batch, seq, rows, act_bytes=2, checkpointing=True, padded=True):
+    """Bytes of one micro-batch's forward + backward through policy_forward (with the attention policy) and Eq. 4's
+    loss, by what holds them, counted from the code; tests/test_bench.py checks them against a measured step.
+    text: the text config's sizes; `batch` sequences of `seq` tokens, the last `rows` the response; act_bytes 2 when
+    the layers compute in bf16 (FSDP's bf16 gathered weights), 4 in fp32; padded: the batch has padding, so the
+    model builds the dense B x 1 x T x T mask (a group's responses differ in length: in training, always).
+    held: what the forward keeps for backward. peak: the larger of the forward's end (held + the logits' working
+    set) and the backward of a layer (checkpointing: the layer inputs, the mask, one layer recomputed, and its
+    gradients' working set, about 2 B T I + 2 B T H fp32 elements as measured on small models)."""
+    B, T, R, e = batch, seq, rows, act_bytes
+    H, I, L = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    nh, kv, V = text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
+    d, N = H // nh, B * T
+    held_kv = nh if padded else kv            # with a mask transformers repeats the key heads for SDPA (repeat_kv)
+    layer = (2 * (N * H * (4 + 2 * e) + 4 * N)  # 2 RMSNorms: the fp32 input, 1/rms, the normalized input before and
+             + 2 * N * nh * d * e             # after its weight; q and SDPA's output
+             + 2 * N * held_kv * d * e        # k and v as SDPA saves them
+             + 4 * B * nh * T                 # SDPA's log-sum-exp
+             + 4 * N * I * e                  # the MLP: gate, up, silu(gate), silu(gate) * up
+             + (B * T * T * e if padded else 0))   # SDPA's float copy of the boolean mask, made by every layer
+    m = dict(
+        layer_inputs=L * N * H * e if checkpointing else 0,   # all checkpointing keeps of a layer: its input
+        layers=0 if checkpointing else L * layer,
+        mask=B * T * T if padded else 0,      # the boolean B x 1 x T x T mask, shared by the layers
+        head=N * H * (4 + e) + 4 * N + B * (R + 1) * H * e + 2 * B * T * d * e,   # final norm, head input, rotary
+        logits=4 * B * R * V,                 # the response rows' fp32 log-softmax (B x R x V)
+        # q of the response rows and the key heads in fp32: copies under bf16; in fp32 views of the layer's own q
+        # and k, which hold them whole unless SDPA keeps them anyway (q always, k without a mask, no checkpointing)
+        capture=(4 * B * nh * R * d if e != 4 else 4 * B * nh * T * d if checkpointing else 0)
+                + (4 * B * kv * T * d if e != 4 or padded or checkpointing else 0)
+                + B * R * T * (7 * 4 + 7) + R * T,           # Eq. 2's rows and Eq. 3's JSD: 7 fp32 + 7 bool B x R x T
+    )
+    m["held"] = sum(m.values())
+    m["logits_working"] = B * (R + 1) * V * e + 4 * B * R * V          # the head's logits and their fp32 copy
+    m["layer_backward"] = (layer if checkpointing else 0) + 2 * N * I * e + 2 * N * H * 4
+    backward = m["layer_backward"] + (m["layer_inputs"] + m["mask"] if checkpointing else m["held"])
+    m["peak"] = max(m["held"] + m["logits_working"], backward)
+    return m
 
 
 def mib(n):
@@ -272,6 +435,19 @@ def print_tables(results):
             print(f"| {r['size']} | {r['T']} | {r['B']} x {r['R']} | {r['variant']} | {r['time_s']:.3f} | "
                   f"{r['time_vs_sdpa']:.2f} | {mib(r['saved_bytes'])} | {r['saved_vs_sdpa']:.2f} |"
                   + (f" {mib(r['rss_growth_bytes'])} |" if rss else ""))
+    if "layer" in results:
+        rows = results["layer"]
+        print(f"\n### The capture against the paper's last layer in eager: one attention layer of the 7B's shape "
+              f"({LAYER_7B['heads']} query heads, {LAYER_7B['kv_heads']} key heads, head dim {LAYER_7B['head_dim']}), "
+              f"forward + backward, {rows[0]['dtype']} on {rows[0]['device']}\n")
+        cuda = rows[0]["peak_bytes"] is not None
+        print("| T | B x R | variant | saved for backward MiB | beyond sdpa MiB | step s | vs sdpa |"
+              + (" peak memory MiB |" if cuda else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+        for r in rows:
+            print(f"| {r['T']} | {r['B']} x {r['R']} | {r['variant']} | {mib(r['saved_bytes'])} | "
+                  f"{mib(r['saved_beyond_sdpa'])} | {r['time_s']:.3f} | {r['time_vs_sdpa']:.2f} |"
+                  + (f" {mib(r['peak_bytes'])} |" if cuda else ""))
     if "step" in results:
         s = results["step"]
         print(f"\n### One GRPO step vs one RAL step ({s['size']}, {s['prompts']} prompts x {s['group_size']}, "
@@ -303,8 +479,8 @@ def print_tables(results):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--what", default="capture,step,rollout,memory",
-                    help="capture, step, rollout, memory (comma-separated)")
+    ap.add_argument("--what", default="capture,layer,step,rollout,memory",
+                    help="capture, layer, step, rollout, memory (comma-separated); gpu: the GPU check")
     ap.add_argument("--visual-tokens", type=int, default=64, help="visual tokens per image for the rollout benchmark")
     ap.add_argument("--gpus", type=int, default=8, help="devices for the memory table")
     ap.add_argument("--seq", default="256,1024", help="total sequence lengths T for the capture benchmark")
@@ -313,6 +489,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=128, help="response rows R (at most T/2)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process peak RSS column")
+    ap.add_argument("--layer-seq", default="1024,2048,4096", help="T for the one-layer capture table (--what layer)")
+    ap.add_argument("--layer-rows", type=int, default=1024, help="response rows R of the one-layer table")
     ap.add_argument("--step-size", default="4x128x4")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
@@ -331,6 +509,8 @@ def main(argv=None):
     if "capture" in what:
         results["capture"] = bench_capture(args.sizes.split(","), [int(s) for s in args.seq.split(",")], args.batch,
                                            args.rows, args.repeats, args.rss)
+    if "layer" in what:
+        results["layer"] = bench_layer([int(t) for t in args.layer_seq.split(",")], args.layer_rows, 1, args.repeats)
     if "step" in what:
         results["step"] = bench_step(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats)
     if "rollout" in what:
