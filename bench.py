@@ -27,6 +27,7 @@ On a quiet machine, --threads 0 measures what a run with all cores gets.
 """
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -42,6 +43,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
+import cli
 import data
 import eval as evaluation
 import ral
@@ -393,7 +395,8 @@ def activation_memory(text, batch, seq, rows, act_bytes=2, checkpointing=True, p
     H, I, L = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     nh, kv, V = text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
     d, N = H // nh, B * T
-    held_kv = nh if padded else kv            # with a mask transformers repeats the key heads for SDPA (repeat_kv)
+    held_kv = nh if padded and kv > 1 else kv     # with a mask transformers repeats the key heads for SDPA (a copy,
+                                                  # repeat_kv; a view when there is one key head)
     layer = (2 * (N * H * (4 + 2 * e) + 4 * N)  # 2 RMSNorms: the fp32 input, 1/rms, the normalized input before and
              + 2 * N * nh * d * e             # after its weight; q and SDPA's output
              + 2 * N * held_kv * d * e        # k and v as SDPA saves them
@@ -418,6 +421,96 @@ def activation_memory(text, batch, seq, rows, act_bytes=2, checkpointing=True, p
     backward = m["layer_backward"] + (m["layer_inputs"] + m["mask"] if checkpointing else m["held"])
     m["peak"] = max(m["held"] + m["logits_working"], backward)
     return m
+
+
+PRESETS = (("3B", "config/qwen3b_8gpu.py"), ("7B", "config/qwen7b_8gpu.py"))
+PROMPT_TEXT_TOKENS = 128   # the chat template and the question around the video: an allowance, not measured
+
+
+def preset(path):
+    """A preset's options as ral.py resolves them (a preset may read another by its path from the repository)."""
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return cli.parse([path], ral.OPTIONS, ral.__doc__)
+    finally:
+        os.chdir(here)
+
+
+def longest_visual_tokens():
+    """The most visual tokens data.encode gives one sample: a video at its default frames (2 per temporal patch) of
+    frame_pixels each, or an image at image_pixels (one token per 28 x 28 pixels)."""
+    p = inspect.signature(data.encode).parameters
+    video = p["video_frames"].default // 2 * (p["frame_pixels"].default // data.CELL ** 2)
+    return max(video, p["image_pixels"].default // data.CELL ** 2)
+
+
+def bench_memory_whole(gpus, presets=PRESETS):
+    """Per GPU, a step of each preset at its longest input: the training state, then the larger of the update
+    (one micro-batch's activations, activation_memory) and the rollout's generate (the gathered bf16 model, the KV
+    cache, the prefill). Everything in bf16 compute as FSDP runs it on GPU. Returns one dict of rows per preset."""
+    out = []
+    for name, path in presets:
+        cfg, model, text = preset(path), meta_model(name), QWEN25_VL[name]
+        params = sum(w.numel() for w in model.parameters())
+        layer_params = sum(w.numel() for w in model.model.language_model.layers[0].parameters())
+        visual_params = sum(w.numel() for w in model.model.visual.parameters())
+        root_params = params - visual_params - text["num_hidden_layers"] * layer_params   # embeddings, norm, head
+        head_params = text["vocab_size"] * text["hidden_size"]
+        B, R, V, H = cfg["micro_batch"], cfg["max_new_tokens"], text["vocab_size"], text["hidden_size"]
+        visual = longest_visual_tokens()
+        P = visual + PROMPT_TEXT_TOKENS
+        T = P + R
+        sequences = cfg["prompts_per_step"] // gpus * cfg["group_size"]            # a rank's rollout
+        L, kv, d = text["num_hidden_layers"], text["num_key_value_heads"], H // text["num_attention_heads"]
+        act = activation_memory(text, B, T, R, 2, cfg["grad_checkpointing"])
+        rows = dict(state=training_memory(model, gpus, fsdp=cfg["fsdp"])["total"],
+                    # FSDP2 keeps the root unit gathered from forward to backward, the head's bf16 gradient until
+                    # the end of backward, one decoder layer prefetched beside the current one, and a layer's
+                    # unsharded bf16 gradient with its fp32 copy for the reduce-scatter
+                    fsdp_in_flight=(2 * root_params + 2 * head_params + 2 * 2 * layer_params + 6 * layer_params)
+                    if cfg["fsdp"] else 0,
+                    # a step's rollout, kept for its update: p_old (fp32 B x R x T) and the cached visual embeddings
+                    rollout_buffers=sequences * R * T * 4 + cfg["prompts_per_step"] // gpus * visual * H * 2,
+                    **{f"act_{k}": v for k, v in act.items()},
+                    generate_copy=params * 2,       # every unit gathered once in bf16 for the whole generate
+                    kv_cache=L * 2 * sequences * kv * T * d * 2,
+                    # no_grad prefill of the rank's sequences, one layer at a time: the hidden states, the norm's
+                    # fp32 copy and the MLP's gate, up and their product
+                    prefill=sequences * P * (H * (2 + 4) + 3 * text["intermediate_size"] * 2))
+        rows["update_peak"] = rows["state"] + rows["fsdp_in_flight"] + rows["rollout_buffers"] + act["peak"]
+        rows["generate_peak"] = rows["state"] + rows["generate_copy"] + rows["kv_cache"] + rows["prefill"] + \
+            cfg["prompts_per_step"] // gpus * visual * H * 2
+        rows["peak"] = max(rows["update_peak"], rows["generate_peak"])
+        out.append(dict(model=f"Qwen2.5-VL-{name}", preset=path, gpus=gpus, micro_batch=B, response=R,
+                        visual_tokens=visual, T=T, sequences=sequences, checkpointing=cfg["grad_checkpointing"],
+                        fsdp=cfg["fsdp"], rows=rows))
+    return out
+
+
+# (row, how it is derived) for the whole-memory table, in order
+WHOLE_ROWS = (
+    ("state", "training state (fp32 shards, gradients, AdamW, bf16 reference): meta-device count, above"),
+    ("fsdp_in_flight", "FSDP2 units in flight: root (embeddings, head) and 2 decoder layers in bf16, head and "
+                       "layer gradients: computed"),
+    ("rollout_buffers", "the step's rollout kept for the update: p_old (B x R x T fp32), visual embeddings: computed"),
+    ("act_layer_inputs", "activations: each decoder layer's input, kept by checkpointing: counted, tested"),
+    ("act_mask", "the dense boolean B x 1 x T x T mask (the only T^2 term): counted, tested"),
+    ("act_head", "final norm, head input, rotary tables: counted, tested"),
+    ("act_logits", "log-softmax of the response rows (B x R x V fp32): counted, tested"),
+    ("act_capture", "the capture (q rows, key heads in fp32) and Eq. 2-3's B x R x T tensors: counted, tested"),
+    ("act_layer_backward", "backward of one layer: recomputed (with SDPA's float copy of the mask) and its "
+                           "gradients: counted, working set measured on small models, tested"),
+    ("act_logits_working", "forward's logits working set (bf16 logits, fp32 copy): counted, tested"),
+    ("act_peak", "activation peak: the larger of the forward's end (held + logits working set) and a layer's "
+                 "backward (+ layer inputs, mask): counted, tested"),
+    ("update_peak", "**update peak**: state + in flight + rollout + activation peak"),
+    ("generate_copy", "rollout: the bf16 model gathered once for generate (parameters x 2 bytes): computed"),
+    ("kv_cache", "rollout: KV cache of the rank's sequences (bf16): computed"),
+    ("prefill", "rollout: prefill working set (one layer over the rank's sequences): computed"),
+    ("generate_peak", "**generate peak**: state + gathered copy + KV cache + prefill + visual embeddings"),
+    ("peak", "**per-GPU peak**"),
+)
 
 
 def mib(n):
@@ -475,6 +568,18 @@ def print_tables(results):
             print(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['gpus']} | {gb('weights')} | "
                   f"{gb('gradients')} | {gb('optimizer')} | {gb('reference')} | {gb('total')} | "
                   f"{'yes' if r['total'] < 80e9 else 'no'} |")
+    if "memory_whole" in results:
+        presets = results["memory_whole"]
+        print("\n### Memory per GPU, whole: a step of each preset at its longest input (GB = 1e9 bytes)\n")
+        for p in presets:
+            print(f"- {p['model']} ({p['preset']}): {p['gpus']} GPUs, FSDP {p['fsdp']}, micro-batch {p['micro_batch']}, "
+                  f"{p['visual_tokens']} visual + {PROMPT_TEXT_TOKENS} text + {p['response']} response tokens "
+                  f"(T = {p['T']}), {p['sequences']} sequences per rank, checkpointing {p['checkpointing']}")
+        print("\n| | how it is derived | " + " | ".join(p["model"] for p in presets) + " |")
+        print("|---|---|" + "---|" * len(presets))
+        for key, how in WHOLE_ROWS:
+            print(f"| {key} | {how} | " + " | ".join(f"{p['rows'][key] / 1e9:.2f}" for p in presets) + " |")
+        print("| under 80 GB | | " + " | ".join("yes" if p["rows"]["peak"] < 80e9 else "no" for p in presets) + " |")
 
 
 def main(argv=None):
@@ -518,6 +623,7 @@ def main(argv=None):
                                            args.visual_tokens)
     if "memory" in what:
         results["memory"] = bench_memory(args.gpus)
+        results["memory_whole"] = bench_memory_whole(args.gpus)
     results["env"]["load_avg_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.out:
