@@ -1,6 +1,9 @@
 """bench.py at toy sizes: the benchmarks run and report what they promise. Structure only, never timings."""
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +144,13 @@ def test_layer_table_capture_equals_eager_and_keeps_less():
     saved = {v: r["saved_bytes"] for v, r in rows.items()}
     assert saved["sdpa"] <= saved["capture"] < saved["capture_repeat_kv"] < saved["eager_last_layer"]
     assert rows["eager_last_layer"]["saved_beyond_sdpa"] >= 2 * 4 * 48 * 48 * 4      # the weights, B x H x T x T
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    """Where no CUDA device is visible, `python bench.py --what gpu` is one line and exit status 0 (the check itself
+    runs only on a GPU machine, where it is the README's GPU command)."""
+    proc = subprocess.run([sys.executable, "bench.py", "--what", "gpu"], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "no CUDA device here: python bench.py --what gpu checks a GPU and needs one"
