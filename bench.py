@@ -44,11 +44,18 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
+<<<<<<< HEAD
 import cli
 import data
 import eval as evaluation
 import ral
 from model import attention_policy, build_tiny, capturing, policy_forward, prepare, ral_sdpa, training_memory
+=======
+import eval as evaluation
+import ral
+import tasks
+from model import build_tiny, policy_forward, training_memory
+>>>>>>> main
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
@@ -284,7 +291,7 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     model, processor = build_tiny(**parse_size(size))
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     init = copy.deepcopy(model.state_dict())
-    prompts_list = data.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
+    prompts_list = tasks.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
     times = dict(grpo=[], ral=[])
     for rep in range(repeats + 1):
         for algo in (("grpo", "ral") if rep % 2 else ("ral", "grpo")):
@@ -324,7 +331,7 @@ def bench_rollout(size, prompts, group, new_tokens, repeats, tokens):
     calls = []
     for m in (model, ref):
         m.model.visual.register_forward_hook(lambda *args: calls.append(1))
-    prompts_list = data.search_task(prompts, seed=0, tokens=tokens)
+    prompts_list = tasks.search_task(prompts, seed=0, tokens=tokens)
     variants = dict(before=dict(generate_batch=group, vision_cache=False), after=dict(generate_batch=0, vision_cache=True))
     runs = {k: [] for k in variants}
     for rep in range(repeats + 1):
@@ -442,8 +449,8 @@ def longest_visual_tokens():
     """The most visual tokens data.encode gives one sample: a video at its default frames (2 per temporal patch) of
     frame_pixels each, or an image at image_pixels (one token per 28 x 28 pixels)."""
     p = inspect.signature(data.encode).parameters
-    video = p["video_frames"].default // 2 * (p["frame_pixels"].default // data.CELL ** 2)
-    return max(video, p["image_pixels"].default // data.CELL ** 2)
+    video = p["video_frames"].default // 2 * (p["frame_pixels"].default // tasks.CELL ** 2)
+    return max(video, p["image_pixels"].default // tasks.CELL ** 2)
 
 
 def bench_memory_whole(gpus, presets=PRESETS):
