@@ -44,18 +44,12 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
-<<<<<<< HEAD
 import cli
 import data
 import eval as evaluation
 import ral
-from model import attention_policy, build_tiny, capturing, policy_forward, prepare, ral_sdpa, training_memory
-=======
-import eval as evaluation
-import ral
 import tasks
-from model import build_tiny, policy_forward, training_memory
->>>>>>> main
+from model import attention_policy, build_tiny, capturing, policy_forward, prepare, ral_sdpa, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
