@@ -5,7 +5,9 @@ the tables report medians and paired ratios (CPU timings on a shared machine are
     python bench.py                                   # both benchmarks at the default sizes
     python bench.py --what capture --seq 256,1024 --repeats 5 --sizes 4x128x4,8x512x8
     python bench.py --what step --step-size 8x512x8
-    python bench.py --what memory                     # training state per GPU: Qwen2.5-VL 3B/7B/32B, DDP vs FSDP
+    python bench.py --what memory                     # per GPU: training state (3B/7B/32B), the presets' whole step
+    python bench.py --what layer                      # the capture vs the paper's last layer in eager, 7B shape
+    python bench.py --what gpu                        # checks a CUDA GPU (under 8 minutes); one line without one
 
 capture: forward + backward of one batch of random text (B x T, the last R rows are "the response") under
     sdpa     plain SDPA, loss on the response log-probs (what GRPO needs)
@@ -17,8 +19,15 @@ capture: forward + backward of one batch of random text (B x T, the last R rows 
 step: one GRPO step against one RAL step (ral.rollout + ral.update) on the offline search task, per phase.
 rollout: one RAL step before (a generate call per prompt, the vision tower in every forward) and after (one
     batched generate per step, the tower once per prompt): rollout time, tokens/s, tower calls, step time.
+layer: one attention layer at the 7B final layer's shape fed the same q, k, v: plain SDPA, our capture (and, as
+    before, with the key heads repeated), and the paper's way (the last layer in eager, its T x T weights kept):
+    bytes saved for backward, time, and on CUDA the peak memory.
 memory: per-GPU bytes of the training state (fp32 master weights, gradients, AdamW, bf16 reference) of the real
-    Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs.
+    Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs;
+    then a step of each preset (config/qwen3b_8gpu.py, qwen7b) at its longest input, whole: activations
+    (activation_memory, counted from the code and tested against a measured step), FSDP's units in flight, the
+    rollout's gathered bf16 copy, KV cache and prefill, and the per-GPU peak against 80 GB.
+gpu: the checks that need a CUDA GPU, each a row of one markdown table (gpu_check.md); see gpu_check.
 Results go to a markdown table on stdout and to bench.json.
 
 Threads: the default is one torch thread. On a machine shared with other jobs, torch's default (one thread per
