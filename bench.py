@@ -654,6 +654,8 @@ import bench, model as M, scale
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 device = {device!r}
 dist.init_process_group("nccl" if device == "cuda" else "gloo")
+if device == "cuda":
+    torch.cuda.set_device(0)
 sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 policy = bench.real_geometry("7B", {layers}, device).float().eval()
 _, processor = M.build_tiny()
@@ -664,13 +666,17 @@ ids = torch.randint(1000, 100000, ({batch}, {prompt}), device=device)
 batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
 def run(gather_once):
-    if gather_once:   # FSDP2's own calls: every unit gathered before generate, resharded after
-        for u in units: u.set_reshard_after_forward(False); u.unshard()
+    if gather_once:   # FSDP2's own calls: every unit gathered before generate, resharded after (the root keeps
+        for u in units:   # its own setting: FSDP never reshards it after a forward)
+            if u is not policy: u.set_reshard_after_forward(False)
+            u.unshard()
     sync(); t0 = time.perf_counter()
     out, mask = M.generate(policy, processor, batch, {new}, greedy=True)
     sync(); dt = time.perf_counter() - t0
     if gather_once:
-        for u in units: u.reshard(); u.set_reshard_after_forward(True)
+        for u in units:
+            u.reshard()
+            if u is not policy: u.set_reshard_after_forward(True)
     return mask.sum().item() / dt, out
 for warm in (True, False):
     per_token, a = run(False)
