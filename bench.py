@@ -710,12 +710,12 @@ def gpu_check(out_path, limit_s=460):
         return proc.stdout
 
     def tiny_run(tag, launcher):
-        args = ["ral.py", "--sft_steps=20", "--sft_stop=0", "--rl_steps=2", "--prompts_per_step=4", "--eval_n=16",
+        args = ["ral.py", "--sft_steps=100", "--sft_stop=0", "--rl_steps=2", "--prompts_per_step=4", "--eval_n=16",
                 f"--out_dir={tmp}/{tag}", f"--warm_dir={tmp}/warm", "--device=auto"]
         command(launcher + args + (["--fsdp=True"] if tag == "fsdp" else []), 240)
         with open(os.path.join(tmp, tag, "metrics.jsonl")) as f:
             last = json.loads(f.readlines()[-1])
-        return ", ".join(f"{k} {last[k]:.3g}" for k in ("reward", "kl", "attn_jsd", "grad_norm", "time_step"))
+        return ", ".join(f"{k} {last[k]:.3g}" for k in ("reward", "accuracy", "kl", "attn_jsd", "grad_norm", "time_step"))
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     device = torch.cuda.get_device_name(0)
