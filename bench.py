@@ -543,7 +543,8 @@ def print_tables(results):
         rows = results["layer"]
         print(f"\n### The capture against the paper's last layer in eager: one attention layer of the 7B's shape "
               f"({LAYER_7B['heads']} query heads, {LAYER_7B['kv_heads']} key heads, head dim {LAYER_7B['head_dim']}), "
-              f"forward + backward, {rows[0]['dtype']} on {rows[0]['device']}\n")
+              f"forward + backward, {rows[0]['dtype']} on {rows[0]['device']}; saved: the tensors autograd keeps beyond "
+              f"the inputs q, k, v; causal, no padding\n")
         cuda = rows[0]["peak_bytes"] is not None
         print("| T | B x R | variant | saved for backward MiB | beyond sdpa MiB | step s | vs sdpa |"
               + (" peak memory MiB |" if cuda else ""))
