@@ -31,8 +31,8 @@ import eval as evaluation
 from cli import UsageError, cli, parse
 from model import append_responses, build_tiny, check_source, concat_batches, encode_visuals_once, generate, load, \
     policy_forward, take_rows, to_device, with_responses
-from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
-    shard, wrap
+from scale import compute, gathered, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, \
+    setup_distributed, shard, wrap
 
 # ----------------------------------------------------------------------------------------------------------------
 # The objective (docs/METHOD.md, Eq. 1-4 and 8)
@@ -642,11 +642,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
                          resume="allow")
 
-    def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
-        if held_out:     # every rank in step, so under FSDP each rank runs them all
-            share = dict(rank=0, world=1) if cfg["fsdp"] else dict(rank=rank, world=world)
-            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn, **share)
+    def evaluate(tag):   # every rank scores its share of the held-out samples; under FSDP with the weights
+        if held_out:     # gathered once (scale.gathered), so the ranks' forwards need not stay in step
+            with gathered(model):
+                r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
+                                        reward_fn=reward_fn, rank=rank, world=world)
             results[tag] = r
             if rank == 0:
                 print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -668,9 +668,12 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
+            # a sharded policy is gathered once for it (not once per new token), so each rank decodes its own
+            # prompts alone; the sharded reference's forwards gather in each, as many on every rank
             model.eval()
-            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts, cfg, mode,
-                                                               step, rank * per_rank, device, reward_fn)
+            with gathered(model):
+                micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts, cfg, mode,
+                                                                   step, rank * per_rank, device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state
