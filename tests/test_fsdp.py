@@ -68,6 +68,11 @@ def test_fsdp_two_ranks_match_one_and_checkpoint_loads(two_steps):
     # in both, equal to 3e-7
     kl = [[json.loads(line)["kl"] for line in open(run / "metrics.jsonl")] for run in (one, fsdp)]
     assert all(k > 0 for k in kl[0]) and all(abs(x - y) < 1e-3 * x for x, y in zip(*kl)), kl
+    # the held-out set split over the ranks (the policy gathered once for it) scores as one process does
+    results = [json.loads((run / "results.json").read_text()) for run in (one, fsdp)]
+    for tag in ("before_rl", "after_rl"):
+        a, b = results[0][tag], results[1][tag]
+        assert a["n"] == b["n"] == 2 and a["accuracy"] == b["accuracy"] and abs(a["grounding"] - b["grounding"]) < 1e-4
 
 
 def test_fsdp_resume_matches_uninterrupted(two_steps):
