@@ -26,8 +26,9 @@ import data
 import eval as evaluation
 import ral
 import scale
+import sft
 from cli import UsageError, cli
-from model import check_source, load, load_processor, policy_forward, to_device
+from model import check_source, load, load_processor, masked_sum, policy_forward, to_device
 
 meaning = lambda key: ral.OPTIONS[key][1]
 OPTIONS = dict(
@@ -86,10 +87,10 @@ def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn, temperatu
         t_logprobs, t_p = teacher_forward(teacher, mb, logp.device)
         m = mb["mask"]
         kl, d = reverse_kl(logprobs, t_logprobs), ral.jsd(p, t_p)
-        loss = loss + mu * ral.masked_sum(kl, m) / n_tokens                  # + mu L_GKD: the KD baseline
+        loss = loss + mu * masked_sum(kl, m) / n_tokens                  # + mu L_GKD: the KD baseline
         if gamma_attn > 0:
-            loss = loss + gamma_attn * ral.masked_sum(d, m) / n_tokens       # + gamma L_AttnDistill (Eq. 5)
-        return loss, dict(stats, rkl=ral.masked_sum(kl, m).item(), distill_jsd=ral.masked_sum(d, m).item())
+            loss = loss + gamma_attn * masked_sum(d, m) / n_tokens       # + gamma L_AttnDistill (Eq. 5)
+        return loss, dict(stats, rkl=masked_sum(kl, m).item(), distill_jsd=masked_sum(d, m).item())
     return loss_fn
 
 
@@ -143,11 +144,11 @@ def teacher_and_student(cfg, sft_samples, mode, device, rank, world):
         if problem:
             raise UsageError(f"--teacher: {problem}")
     else:   # the warm start `python ral.py` makes (or reuses) at the same path
-        teacher_path = ral.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
+        teacher_path = sft.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
                                            sft_steps=cfg["teacher_sft_steps"], sft_stop=0.0), sft_samples, mode, device, rank, world)
     if cfg["init_from"] != "tiny":
         check_pair(teacher_path, cfg["init_from"])             # a real pair fails before any training
-    start = ral.warm_start(cfg, sft_samples, mode, device, rank, world)
+    start = sft.warm_start(cfg, sft_samples, mode, device, rank, world)
     check_pair(teacher_path, start)
     return teacher_path, start
 

@@ -314,6 +314,12 @@ def suppressed_tokens(config):
     return [config.vision_start_token_id, config.vision_end_token_id, config.image_token_id, config.video_token_id]
 
 
+def masked_sum(x, mask):
+    """Sum over the positions where mask is set. Excluded, not multiplied by zero: an inf or nan at a padded
+    position stays out of the loss and its gradient."""
+    return torch.where(mask.bool(), x, 0.0).sum()
+
+
 def policy_forward(model, batch, response_len, attention=True, full=False, temperature=1.0):
     """One forward over prompt + response (left-padded prompts, response in the last `response_len` columns).
     Returns per-token log-probs of the response tokens (B x R) under the distribution generate samples from

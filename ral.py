@@ -10,13 +10,10 @@ Reinforced Attention Learning: GRPO on tokens plus an advantage-weighted JSD on 
 The math (jsd, group_advantages, token_loss, attention_loss) is pure functions at the top; importing this file
 starts nothing. Equation numbers refer to docs/METHOD.md.
 """
-import functools
 import gc
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -29,10 +26,12 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 from cli import UsageError, cli, parse
-from model import append_responses, build_tiny, check_source, concat_batches, encode_visuals_once, generate, load, \
-    policy_forward, take_rows, to_device, with_responses
+from data import epoch_prompts, offline_stream, seed_for
+from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
+    take_rows, to_device, with_responses
 from scale import compute, gathered, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, \
     setup_distributed, shard, wrap
+from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
 # The objective (docs/METHOD.md, Eq. 1-4 and 8)
@@ -57,12 +56,6 @@ def group_advantages(rewards, group_size, eps=1e-6):
     spread = r.max(1, keepdim=True).values > r.min(1, keepdim=True).values
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
     return torch.where(spread, adv, 0.0).view(-1)
-
-
-def masked_sum(x, mask):
-    """Sum over the positions where mask is set. Excluded, not multiplied by zero: an inf or nan at a padded
-    position stays out of the loss and its gradient."""
-    return torch.where(mask.bool(), x, 0.0).sum()
 
 
 def token_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps=0.2, beta=0.04):
@@ -97,7 +90,8 @@ OPTIONS = dict(   # name: (default, meaning)
     algo=("ral", "'ral' (Eq. 4) or 'grpo' (the same with lambda_attn = 0)"),
     zero=(True, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward (False: the "
                 "paper's <think> format; the tiny default answers directly, see README)"),
-    task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
+    task=("search", "offline task when no data files are given, one of data.TASKS: " + "; ".join(
+        f"'{name}' ({t['about']})" for name, t in data.TASKS.items())),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
     task_frames=(8, "frames per video (video task)"),
     train_size=(0, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
@@ -174,7 +168,7 @@ def check(cfg):
         if not ok:
             raise UsageError(message)
     need(cfg["algo"] in ("grpo", "ral"), f"--algo must be grpo or ral, got {cfg['algo']!r}")
-    need(cfg["task"] in ("search", "video"), f"--task must be search or video, got {cfg['task']!r}")
+    need(cfg["task"] in data.TASKS, f"--task must be one of {', '.join(data.TASKS)}, got {cfg['task']!r}")
     need(math.isqrt(cfg["task_tokens"]) ** 2 == cfg["task_tokens"] > 0,
          f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
     need(1 <= cfg["mini_batches"] <= cfg["group_size"],
@@ -202,136 +196,15 @@ def check(cfg):
          or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
-    need(cfg["task"] == "search" or (cfg["train_size"] and cfg["sft_size"]),
-         "--train_size=0 / --sft_size=0 (an endless stream) needs --task=search")
+    need(data.TASKS[cfg["task"]]["stream"] or (cfg["train_size"] or cfg["train_file"]) and
+         (cfg["sft_size"] or cfg["sft_file"] or not cfg["sft_steps"]),
+         f"--task={cfg['task']} has no endless stream (its media are files): give --train_size and --sft_size")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
     need(not cfg["sft_stop"] or not cfg["sft_file"], f"--sft_stop={cfg['sft_stop']} (the tiny recipe's early stop) "
          "validates on the offline task: add --sft_stop=0 with --sft_file")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
-
-
-def epoch_prompts(n, step, per_step, seed):
-    """The prompt indices of one RL step: the file is read in seeded epochs without replacement (epoch e is
-    randperm(n) seeded by (seed, e); step s takes positions s * per_step ... of that sequence). A function of the
-    step alone: the same order for any number of ranks, and after a resume."""
-    orders = {}
-    picked = []
-    for position in range(step * per_step, (step + 1) * per_step):
-        epoch = position // n
-        if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
-        picked.append(int(orders[epoch][position % n]))
-    return picked
-
-
-def seed_for(*parts):
-    """A deterministic seed from (seed, step, group): the rollout does not depend on rank count or resumption."""
-    h = 0
-    for part in parts:
-        h = (h * 1_000_003 + int(part)) % (2 ** 62)
-    return h
-
-
-STREAM_SEED, VAL_SEED, BLOCK = 1 << 20, 20_000, 64   # stream seeds lie above eval's held-out seed and VAL_SEED
-
-
-def offline_stream(cfg, stage):
-    """The offline search task as an endless stream for one stage (0: SFT, 1: RL): item i lies in block i // 64,
-    drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a resume.
-    Returns take(start, count) -> samples."""
-    @functools.lru_cache(maxsize=4)
-    def block(b):
-        return data.search_task(BLOCK, seed=STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40,
-                                tokens=cfg["task_tokens"])
-    return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 1: supervised warm start (the paper's SFT), on the same forward as RL.
-
-def sampled_accuracy(model, processor, samples, cfg, mode, check):
-    """Accuracy of one response per sample drawn as RL draws them (temperature, seeded per sample and check). The
-    greedy accuracy of a half-trained model can sit far above what it samples (a flat answer distribution whose
-    argmax happens to be right), and RL learns from what it samples."""
-    hits = []
-    for i in range(0, len(samples), 16):
-        chunk = samples[i:i + 16]
-        batch, _ = data.encode(chunk, processor, mode)
-        seeds = [seed_for(cfg["seed"], 2, check, i + k) for k in range(len(chunk))]
-        response, _ = generate(model, processor, to_device(batch, model.device), cfg["max_new_tokens"],
-                               cfg["temperature"], seeds=seeds)
-        texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
-        hits += [data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
-    return sum(hits) / len(hits)
-
-
-def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None):
-    """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
-    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks.
-    ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
-    model already holds its weights)."""
-    tok = processor.tokenizer
-    params = [w for w in model.parameters() if w.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
-    g = torch.Generator().manual_seed(cfg["seed"])
-    per_rank = max(1, cfg["sft_batch"] // world)
-    stream = offline_stream(cfg, 0) if samples is None else None
-    val = data.search_task(cfg["sft_val_n"], seed=VAL_SEED, tokens=cfg["task_tokens"]) if cfg["sft_stop"] else None
-    raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
-    if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
-        load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
-        g.set_state(state["sampler"])
-        first, log = state["step"], json.loads(state["log"])
-    bar = tqdm(range(first, cfg["sft_steps"]), desc="sft", disable=rank != 0, initial=first, total=cfg["sft_steps"])
-    for step in bar:
-        if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
-            raw.eval()
-            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step)
-            raw.train()
-            log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
-            if accuracy >= cfg["sft_stop"]:
-                log["steps"] = step
-                break
-        # each lr step: linear warmup then cosine decay, so the small model settles
-        lr = cfg["sft_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if stream:
-            chosen = stream(step * per_rank * world + rank * per_rank, per_rank)
-        else:
-            idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
-            chosen = [samples[i] for i in idx]
-        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                   for s in chosen]
-        # the token mean over the whole global batch: the same objective for any ranks and micro-batches
-        n_tokens = torch.tensor(float(sum(map(len, targets))), device=device)
-        if world > 1:
-            dist.all_reduce(n_tokens)
-        opt.zero_grad(set_to_none=True)
-        size, loss = cfg["micro_batch"] or len(chosen), 0.0
-        for i in range(0, len(chosen), size):
-            batch, _ = data.encode(chosen[i:i + size], processor, mode)
-            full, mask = append_responses(to_device(batch, device), targets[i:i + size], tok.pad_token_id)
-            sync = i + size >= len(chosen) or world == 1
-            with nullcontext() if sync else getattr(model, "no_sync", nullcontext)(), compute(cfg, device):
-                logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
-                part = masked_sum(-logp, mask.to(logp.device)) / n_tokens
-                (part * world).backward()        # DDP averages gradients over ranks; the loss is a global sum
-            loss += part.item()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < cfg["sft_steps"]:
-            save_checkpoint(ckpt, raw, processor, opt, dict(stage="sft", step=step + 1, sampler=g.get_state(),
-                                                            log=json.dumps(log), recipe=json.dumps(warm_recipe(cfg))),
-                            rank)
-    if rank == 0 and cfg["sft_stop"]:
-        stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
-        print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
-              f" (target {cfg['sft_stop']}), {stopped} {log['steps']} steps")
-    return log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,7 +360,7 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The trainer, as plain steps: configure, setup_distributed, load_samples, warm_start, train. main runs them.
+# The trainer, as plain steps: configure, setup_distributed, load_samples, warm_start (sft.py), train.
 
 def read_samples(path):
     try:
@@ -501,103 +374,41 @@ def read_samples(path):
 
 def load_samples(cfg, rank=0, world=1):
     """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task; None for an endless
-    stream) and the held-out suite's name, under which its results are filed in eval.json. The offline video
-    task's files are written once, by rank 0, while the others wait; then every rank finds them."""
-    if cfg["task"] == "search":   # a size of 0 is the endless stream (None here); equal sizes are the same set
-        offline = lambda n: data.search_task(n, seed=cfg["seed"], tokens=cfg["task_tokens"]) if n else None
-        sft_set, rl_set = offline(cfg["sft_size"]), offline(cfg["train_size"])
-    else:
-        video = lambda: data.video_task(max(cfg["train_size"], cfg["sft_size"]), seed=cfg["seed"],
-                                        frames=cfg["task_frames"], folder=os.path.join(cfg["out_dir"], "videos"),
-                                        tokens_per_frame=cfg["task_tokens"])
-        offline = video() if rank == 0 else None
+    stream) and the held-out suite's name, under which its results are filed in eval.json."""
+    task = data.TASKS[cfg["task"]]
+    make = lambda n: task["make"](n, cfg["seed"], data.task_options(cfg["task"], cfg),
+                                  os.path.join(cfg["out_dir"], "media"))
+    if task["stream"]:   # a size of 0 is the endless stream (None here); equal sizes are the same set
+        sft_set, rl_set = (make(n) if n else None for n in (cfg["sft_size"], cfg["train_size"]))
+    else:                # one draw of files, written by rank 0 while the others wait; SFT and RL take slices
+        offline = make(max(cfg["train_size"], cfg["sft_size"])) if rank == 0 else None
         if world > 1:
             dist.barrier()
-        offline = offline or video()
-        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]   # slices of one draw
+        offline = offline or make(max(cfg["train_size"], cfg["sft_size"]))
+        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
-    name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
+    name = cfg["eval_file"] or data.suite_name(cfg["task"], data.task_options(cfg["task"], cfg))
     held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
                 evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 
-# Every option that changes what SFT produces; with the data file's content, they name the warm start.
-WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "sft_size",
-             "sft_file", "sft_steps", "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
-             "compute_dtype")
-STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
-
-
-def warm_recipe(cfg):
-    recipe = {k: cfg[k] for k in WARM_KEYS + (STOP_KEYS if cfg["sft_stop"] else ())}
-    if cfg["task"] == "video":      # its SFT set is a slice of one draw of max(sft_size, train_size) videos
-        recipe["train_size"] = cfg["train_size"]
-    if cfg["sft_file"]:
-        with open(cfg["sft_file"], "rb") as f:
-            recipe["sft_file_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
-    return recipe
-
-
-def warm_path(cfg, recipe):
-    """Beside out_dir, so runs that differ only in RL share it: a readable name plus a hash of the whole recipe."""
-    base = f"tiny{cfg['tiny_layers']}x{cfg['tiny_hidden']}" if cfg["init_from"] == "tiny" else \
-        os.path.basename(cfg["init_from"].rstrip("/"))
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".",
-                        f"warm-{base}-{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}-{key}")
-
-
-def warm_start(cfg, sft_samples, mode, device, rank, world):
-    """The RL starting point, as a folder: the SFT checkpoint of this recipe if it exists, else build or load the
-    model, run SFT (sft_steps > 0) and save it there with its recipe. A real checkpoint with sft_steps=0 is used
-    as it is. SFT checkpoints into path.partial (no config.json at path until SFT is done) and continues from one
-    of the same recipe by itself: SFT is a function of its recipe, so continuing gives what starting over would."""
-    if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
-        return cfg["init_from"]
-    recipe = warm_recipe(cfg)
-    path = cfg["warm_dir"] or warm_path(cfg, recipe)
-    if os.path.exists(os.path.join(path, "config.json")):
-        saved = evaluation.read_json(os.path.join(path, "recipe.json"))
-        if cfg["warm_dir"] and saved and saved != recipe:
-            changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
-            raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
-        if rank == 0:
-            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={recipe[k]}' for k in WARM_KEYS)})")
-        return path
-    partial, state = path + ".partial", None
-    if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):
-        state = torch.load(os.path.join(partial, "trainer_state.pt"), map_location=device, weights_only=True)
-        state = state if json.loads(state["recipe"]) == recipe else None      # another recipe's: start over
-        if rank == 0:
-            print(f"continuing SFT from {partial} at step {state['step']}" if state else f"ignoring {partial}: "
-                  "another recipe's")
-    dtype = torch.float32 if cfg["init_from"] == "tiny" else getattr(torch, cfg["dtype"])     # as build_tiny's
-    if state:
-        model, processor = load(partial, device, dtype)
-    elif cfg["init_from"] == "tiny":
-        model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
-        model.to(device)
-    else:
-        model, processor = load(cfg["init_from"], device, dtype)
-    if cfg["sft_steps"]:
-        if cfg["grad_checkpointing"]:
-            model.activation_checkpointing_enable(dict(use_reentrant=False))
-        model = wrap(model, cfg, world, device)
-        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world, partial, state)
-        model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
-    save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
-    if rank == 0:
-        evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
-        if cfg["sft_steps"]:
-            evaluation.write_json(log, os.path.join(path, "sft_log.json"))
-        for folder in (partial, partial + ".tmp", partial + ".old"):
-            shutil.rmtree(folder, ignore_errors=True)
-        print(f"warm start saved to {path}")
-    if world > 1:
-        dist.barrier()
-    return path
+def plan(cfg, suite):
+    """What each stage reads, one line each. A data file given for one stage while another falls back to the offline
+    task is an easy mistake to make: the last line names it."""
+    offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
+    sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
+             f"held out: {held_out}"]
+    used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
+    given = [k for k in used if cfg[k]]
+    missing = [k for k in used if used[k] and not cfg[k]]
+    if given and missing:
+        lines.append(f"note: --{', --'.join(given)} given but not --{', --'.join(missing)}: "
+                     f"{'that stage uses' if len(missing) == 1 else 'those stages use'} the offline task")
+    return "\n".join(lines)
 
 
 def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
@@ -730,6 +541,7 @@ def main(argv, reward_fn=data.reward):
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
+        print(plan(cfg, suite))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ral
+from model import build_tiny
 from helpers import spread_reward
 from test_ral import ROOT, SMALL, params_of
 
@@ -92,7 +93,7 @@ def test_fsdp_resume_matches_uninterrupted(two_steps):
 STOPPED = """
 import os, sys, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
-import ral, scale
+import ral, scale, sft
 cfg = ral.configure(sys.argv[1:])
 rank, world, device = scale.setup_distributed(cfg)
 sft_samples = ral.load_samples(cfg, rank, world)[0]
@@ -106,12 +107,12 @@ def step_then_stop(self, *args, **kwargs):     # both ranks stop after SFT's 3rd
     return out
 torch.optim.AdamW.step = step_then_stop
 try:
-    ral.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
+    sft.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     raise SystemExit("SFT was not interrupted")
 except KeyboardInterrupt:
     pass
 torch.optim.AdamW.step = step
-ral.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)    # again: SFT continues from its checkpoint
+sft.warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)    # again: SFT continues from its checkpoint
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -129,7 +130,7 @@ def test_fsdp_sft_interrupted_and_continued_matches_one_process(tmp_path):
                  tmp_path)
     assert "continuing SFT from" in out and "at step 2" in out
     (a,), (b,) = (tmp_path / "one").glob("warm-*"), (tmp_path / "fsdp").glob("warm-*")
-    a, b, init = params_of(str(a)), params_of(str(b)), ral.build_tiny(layers=1, hidden=64)[0].state_dict()
+    a, b, init = params_of(str(a)), params_of(str(b)), build_tiny(layers=1, hidden=64)[0].state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a if "k_proj.bias" not in k)   # see the test above
     # measured: moved 4.8e-4 (lr warmup), diff 2.3e-8

@@ -19,6 +19,7 @@ import torch
 
 import data
 import ral
+import sft
 from model import build_tiny, generate, to_device
 
 STEPS, PROMPTS, G = 8, 4, 8
@@ -50,7 +51,7 @@ def warm():
     """A warm start that writes the zero format with every letter about equally often (no perception yet)."""
     torch.manual_seed(0)
     model, processor = build_tiny(seed=0)
-    ral.sft(model, processor, data.search_task(256, seed=1, tokens=16), CFG, "zero", "cpu")
+    sft.sft(model, processor, data.search_task(256, seed=1, tokens=16), CFG, "zero", "cpu")
     return model, processor
 
 

@@ -13,6 +13,7 @@ import data
 import eval as evaluation
 import ral
 import scale
+import sft
 from helpers import spread_reward
 from model import build_tiny, load
 
@@ -255,26 +256,26 @@ def test_prompts_come_in_epochs_without_replacement(world):
     n, per_step = 10, 4
     used = []
     for step in range(5):                                              # 20 prompts: two epochs
-        idx = ral.epoch_prompts(n, step, per_step, seed=3)
+        idx = data.epoch_prompts(n, step, per_step, seed=3)
         shares = [idx[r * per_step // world:(r + 1) * per_step // world] for r in range(world)]
         used += [i for share in shares for i in share]
     assert sorted(used[:10]) == list(range(10)) and sorted(used[10:]) == list(range(10))
     assert used[:10] != used[10:]
-    assert ral.epoch_prompts(n, 3, per_step, seed=3) == used[12:16]   # a resumed run at step 3 sees the same
+    assert data.epoch_prompts(n, 3, per_step, seed=3) == used[12:16]   # a resumed run at step 3 sees the same
 
 
 def test_the_endless_stream_never_repeats_and_ignores_ranks():
     """Item i of a stage's stream is the same however it is taken (whole, or in rank shares, or after a resume);
     no prompt repeats, SFT's and RL's streams differ, and none is a held-out sample."""
     cfg = dict(ral.DEFAULTS, task_tokens=16, seed=3)
-    rl = ral.offline_stream(cfg, 1)
+    rl = data.offline_stream(cfg, 1)
     whole = [s["id"] for s in rl(0, 150)]
-    shares = [s["id"] for start in range(0, 150, 5) for s in ral.offline_stream(cfg, 1)(start, 5)]
+    shares = [s["id"] for start in range(0, 150, 5) for s in data.offline_stream(cfg, 1)(start, 5)]
     assert whole == shares and len(set(whole)) == 150
     assert [s["answer"] for s in rl(0, 64)].count("C") == 16                 # each block of 64 is balanced
-    sft = {s["id"] for s in ral.offline_stream(cfg, 0)(0, 150)}
+    sft_ids = {s["id"] for s in data.offline_stream(cfg, 0)(0, 150)}
     held_out = {s["id"] for s in evaluation.suite("search-16", n=256)}
-    assert not sft & set(whole) and not held_out & (sft | set(whole))
+    assert not sft_ids & set(whole) and not held_out & (sft_ids | set(whole))
     images = {s["image"].tobytes() for s in rl(0, 150)}
     assert len(images) == 150
 
@@ -284,7 +285,7 @@ def test_an_endless_run_draws_fresh_prompts(tmp_path):
     ral.main([f"--out_dir={out}", "--rl_steps=2", "--log_samples=1", *SMALL, "--train_size=0"],
              reward_fn=spread_reward)
     asked = [json.loads(line)["id"] for line in open(out / "samples.jsonl")]
-    stream = ral.offline_stream(ral.configure([*SMALL]), 1)
+    stream = data.offline_stream(ral.configure([*SMALL]), 1)
     assert asked == [stream(0, 1)[0]["id"], stream(2, 1)[0]["id"]]      # step s starts at s * prompts_per_step
 
 
@@ -300,11 +301,11 @@ def test_warmup_raises_the_lr_linearly(tmp_path, monkeypatch):
 def test_sft_stops_at_the_first_check_that_samples_the_target(monkeypatch):
     """sft_stop: validation every sft_val_every steps; the first sampled accuracy >= the target ends SFT there."""
     seen = iter([0.1, 0.3, 0.5, 0.9])
-    monkeypatch.setattr(ral, "sampled_accuracy", lambda *args: next(seen))
+    monkeypatch.setattr(sft, "sampled_accuracy", lambda *args: next(seen))
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
     cfg = dict(ral.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=4, sft_size=0,
                task_tokens=16)
-    log = ral.sft(model, processor, None, cfg, "zero", "cpu")
+    log = sft.sft(model, processor, None, cfg, "zero", "cpu")
     assert log == dict(steps=9, checks=[dict(step=3, sampled_accuracy=0.1), dict(step=6, sampled_accuracy=0.3),
                                         dict(step=9, sampled_accuracy=0.5)])
 
@@ -319,9 +320,9 @@ def test_sampled_accuracy_at_a_tiny_temperature_is_the_greedy_accuracy():
     texts = [t for i in range(0, 24, 8) for t in evaluation.respond(model, processor, samples[i:i + 8], "zero", 8,
                                                                     attention=False)["texts"]]
     greedy = sum(data.reward(t, s, "zero")["accuracy"] for t, s in zip(texts, samples)) / 24
-    assert ral.sampled_accuracy(model, processor, samples, cfg, "zero", check=0) == greedy
-    hot = ral.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
-    assert hot == ral.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
+    assert sft.sampled_accuracy(model, processor, samples, cfg, "zero", check=0) == greedy
+    hot = sft.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
+    assert hot == sft.sampled_accuracy(model, processor, samples, dict(cfg, temperature=1.0), "zero", check=0)
 
 
 def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
@@ -333,7 +334,7 @@ def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
     for micro_batch in (0, 3):
         model, processor = build_tiny(layers=1, hidden=64, seed=0)
         cfg = dict(ral.DEFAULTS, sft_steps=2, sft_batch=7, sft_lr=20.0, micro_batch=micro_batch, grad_clip=1e9)
-        ral.sft(model, processor, samples, cfg, "think", "cpu")
+        sft.sft(model, processor, samples, cfg, "think", "cpu")
         finals.append(torch.cat([w.detach().flatten() for w in model.parameters() if w.requires_grad]))
     start = torch.cat([w.detach().flatten() for w in build_tiny(layers=1, hidden=64, seed=0)[0].parameters()
                        if w.requires_grad])

@@ -1,0 +1,192 @@
+"""
+Stage 1, the supervised warm start (the paper's SFT): the rationale + answer learned by next-token loss on the same
+forward as RL, and the folder RL starts from, named by its recipe.
+
+    warm_start(cfg, sft_samples, mode, device, rank, world) -> the folder RL starts from (made once per recipe)
+    sft(model, processor, samples, cfg, mode, ...)          -> the supervised steps, with an early stop
+    sampled_accuracy(model, processor, samples, cfg, ...)   -> what RL will see: accuracy of sampled responses
+
+ral.py runs it before RL; the options are ral.py's (sft_*). A warm start is a function of its recipe, so a run
+that finds one reuses it, and one that finds a partial SFT checkpoint of its recipe continues it exactly.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+from cli import UsageError
+from data import offline_stream, seed_for
+from model import append_responses, build_tiny, generate, load, masked_sum, policy_forward, to_device
+from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, wrap
+
+VAL_SEED = 20_000     # the early stop's validation draws: neither the held-out seed nor the streams' (data.py)
+
+
+def sampled_accuracy(model, processor, samples, cfg, mode, check):
+    """Accuracy of one response per sample drawn as RL draws them (temperature, seeded per sample and check). The
+    greedy accuracy of a half-trained model can sit far above what it samples (a flat answer distribution whose
+    argmax happens to be right), and RL learns from what it samples."""
+    hits = []
+    for i in range(0, len(samples), 16):
+        chunk = samples[i:i + 16]
+        batch, _ = data.encode(chunk, processor, mode)
+        seeds = [seed_for(cfg["seed"], 2, check, i + k) for k in range(len(chunk))]
+        response, _ = generate(model, processor, to_device(batch, model.device), cfg["max_new_tokens"],
+                               cfg["temperature"], seeds=seeds)
+        texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
+        hits += [data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
+    return sum(hits) / len(hits)
+
+
+def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None):
+    """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
+    sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks.
+    ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
+    model already holds its weights)."""
+    tok = processor.tokenizer
+    params = [w for w in model.parameters() if w.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    per_rank = max(1, cfg["sft_batch"] // world)
+    stream = offline_stream(cfg, 0) if samples is None else None
+    val = data.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, data.task_options(cfg["task"], cfg),
+                                          os.path.join(cfg["out_dir"], "media")) if cfg["sft_stop"] else None
+    raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
+    if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
+        load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
+        g.set_state(state["sampler"])
+        first, log = state["step"], json.loads(state["log"])
+    bar = tqdm(range(first, cfg["sft_steps"]), desc="sft", disable=rank != 0, initial=first, total=cfg["sft_steps"])
+    for step in bar:
+        if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
+            raw.eval()
+            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step)
+            raw.train()
+            log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
+            if accuracy >= cfg["sft_stop"]:
+                log["steps"] = step
+                break
+        # each lr step: linear warmup then cosine decay, so the small model settles
+        lr = cfg["sft_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if stream:
+            chosen = stream(step * per_rank * world + rank * per_rank, per_rank)
+        else:
+            idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+            chosen = [samples[i] for i in idx]
+        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                   for s in chosen]
+        # the token mean over the whole global batch: the same objective for any ranks and micro-batches
+        n_tokens = torch.tensor(float(sum(map(len, targets))), device=device)
+        if world > 1:
+            dist.all_reduce(n_tokens)
+        opt.zero_grad(set_to_none=True)
+        size, loss = cfg["micro_batch"] or len(chosen), 0.0
+        for i in range(0, len(chosen), size):
+            batch, _ = data.encode(chosen[i:i + size], processor, mode)
+            full, mask = append_responses(to_device(batch, device), targets[i:i + size], tok.pad_token_id)
+            sync = i + size >= len(chosen) or world == 1
+            with nullcontext() if sync else getattr(model, "no_sync", nullcontext)(), compute(cfg, device):
+                logp, _ = policy_forward(model, full, mask.shape[1], attention=False)
+                part = masked_sum(-logp, mask.to(logp.device)) / n_tokens
+                (part * world).backward()        # DDP averages gradients over ranks; the loss is a global sum
+            loss += part.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < cfg["sft_steps"]:
+            save_checkpoint(ckpt, raw, processor, opt, dict(stage="sft", step=step + 1, sampler=g.get_state(),
+                                                            log=json.dumps(log), recipe=json.dumps(warm_recipe(cfg))),
+                            rank)
+    if rank == 0 and cfg["sft_stop"]:
+        stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
+        print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
+              f" (target {cfg['sft_stop']}), {stopped} {log['steps']} steps")
+    return log
+
+
+# Every option that changes what SFT produces; with the task's own options (data.TASKS) and the data file's
+# content, they name the warm start.
+WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
+             "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
+STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
+
+
+def warm_recipe(cfg):
+    recipe = {k: cfg[k] for k in WARM_KEYS + (STOP_KEYS if cfg["sft_stop"] else ())}
+    recipe.update(data.task_options(cfg["task"], cfg))
+    if not data.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
+        recipe["train_size"] = cfg["train_size"]
+    if cfg["sft_file"]:
+        with open(cfg["sft_file"], "rb") as f:
+            recipe["sft_file_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return recipe
+
+
+def warm_path(cfg, recipe):
+    """Beside out_dir, so runs that differ only in RL share it: a readable name plus a hash of the whole recipe."""
+    base = f"tiny{cfg['tiny_layers']}x{cfg['tiny_hidden']}" if cfg["init_from"] == "tiny" else \
+        os.path.basename(cfg["init_from"].rstrip("/"))
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(os.path.dirname(cfg["out_dir"].rstrip("/")) or ".",
+                        f"warm-{base}-{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}-{key}")
+
+
+def warm_start(cfg, sft_samples, mode, device, rank, world):
+    """The RL starting point, as a folder: the SFT checkpoint of this recipe if it exists, else build or load the
+    model, run SFT (sft_steps > 0) and save it there with its recipe. A real checkpoint with sft_steps=0 is used
+    as it is. SFT checkpoints into path.partial (no config.json at path until SFT is done) and continues from one
+    of the same recipe by itself: SFT is a function of its recipe, so continuing gives what starting over would."""
+    if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
+        return cfg["init_from"]
+    recipe = warm_recipe(cfg)
+    path = cfg["warm_dir"] or warm_path(cfg, recipe)
+    if os.path.exists(os.path.join(path, "config.json")):
+        saved = evaluation.read_json(os.path.join(path, "recipe.json"))
+        if cfg["warm_dir"] and saved and saved != recipe:
+            changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
+            raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
+        if rank == 0:
+            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={v}' for k, v in recipe.items())})")
+        return path
+    partial, state = path + ".partial", None
+    if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):
+        state = torch.load(os.path.join(partial, "trainer_state.pt"), map_location=device, weights_only=True)
+        state = state if json.loads(state["recipe"]) == recipe else None      # another recipe's: start over
+        if rank == 0:
+            print(f"continuing SFT from {partial} at step {state['step']}" if state else f"ignoring {partial}: "
+                  "another recipe's")
+    dtype = torch.float32 if cfg["init_from"] == "tiny" else getattr(torch, cfg["dtype"])     # as build_tiny's
+    if state:
+        model, processor = load(partial, device, dtype)
+    elif cfg["init_from"] == "tiny":
+        model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
+        model.to(device)
+    else:
+        model, processor = load(cfg["init_from"], device, dtype)
+    if cfg["sft_steps"]:
+        if cfg["grad_checkpointing"]:
+            model.activation_checkpointing_enable(dict(use_reentrant=False))
+        model = wrap(model, cfg, world, device)
+        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world, partial, state)
+        model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
+    save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
+    if rank == 0:
+        evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
+        if cfg["sft_steps"]:
+            evaluation.write_json(log, os.path.join(path, "sft_log.json"))
+        for folder in (partial, partial + ".tmp", partial + ".old"):
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"warm start saved to {path}")
+    if world > 1:
+        dist.barrier()
+    return path
