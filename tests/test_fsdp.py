@@ -290,14 +290,17 @@ assert sharded["n"] == one["n"] == 5 and 0 < one["accuracy"] < 1 and 0 < one["fo
 for k in one:
     assert abs(sharded[k] - one[k]) < 1e-5 if isinstance(one[k], float) else sharded[k] == one[k], (k, sharded, one)
 
-# the memory term: the whole policy held on every rank while gathered, in the dtype FSDP gathers (on GPU, wrap's
-# bf16 policy: here on CPU too)
+# the memory term: every sharded weight held whole on every rank while gathered, in the dtype FSDP gathers (on
+# GPU, wrap's bf16 policy: here on CPU too)
 bf16 = scale.shard(copy.deepcopy(plain), 2, "cpu", MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-for m, size in ((model, 4), (bf16, 2)):
+for m, dtype in ((model, torch.float32), (bf16, torch.bfloat16)):
+    sharded = {{n for n, w in m.named_parameters() if isinstance(w, DTensor)}}
     with scale.gathered(m):
-        held = sum(w.numel() * w.element_size() for w in m.parameters())
-        assert {{w.dtype for w in m.parameters()}} == {{torch.float32 if size == 4 else torch.bfloat16}}
-    assert held == M.training_memory(plain, 2, fsdp=True, gathered_bytes=size)["generation"] > 0, held
+        whole = [w for n, w in m.named_parameters() if n in sharded]
+        assert {{w.dtype for w in whole}} == {{dtype}} and not any(isinstance(w, DTensor) for w in whole)
+        held = sum(w.numel() * w.element_size() for w in whole)
+    expected = M.training_memory(plain, 2, fsdp=True, gathered_bytes=dtype.itemsize)["generation"]
+    assert held == expected > 0, (held, expected)
 dist.barrier()
 print("counts", rank, counts)
 """
