@@ -194,7 +194,7 @@ sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-import data, eval as evaluation, model as M, scale
+import data, eval as evaluation, model as M, scale, tasks
 
 
 class Collectives(TorchDispatchMode):
@@ -223,7 +223,7 @@ layers = len(model.model.language_model.layers)
 
 # a rollout's generate: each rank its own prompt G times, the image encoded once, one seed per response
 G = 4
-prompt, _ = data.encode(data.search_task(1, seed=10 + rank, tokens=16) * G, processor)
+prompt, _ = data.encode(tasks.search_task(1, seed=10 + rank, tokens=16) * G, processor)
 prompt = M.encode_visuals_once(plain, prompt)
 seeds = [100 * rank + j for j in range(G)]
 counts, tokens = {{}}, {{}}
@@ -275,7 +275,7 @@ for n in grads[1]:        # FSDP's gradient is the mean of the ranks' own (each 
 
 # evaluation split over the ranks inside gathered: rank 0 has 3 samples (2 batches), rank 1 has 2 (1 batch), and the
 # only collectives inside are all_gather_object's; the results equal one process's on all 5
-samples = data.search_task(5, seed=7, tokens=16)
+samples = tasks.search_task(5, seed=7, tokens=16)
 reward = lambda text, sample, mode: dict(reward=0.0, accuracy=float(sample["answer"] in "AB"),   # a random model
                                          format=float(text.startswith("f")))                     # scores 0 on both
 kw = dict(mode="zero", batch_size=2, max_new_tokens=8, reward_fn=reward, progress=False)
