@@ -132,7 +132,7 @@ OPTIONS = dict(   # name: (default, meaning)
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(256, "held-out samples (0: no evaluation)"),
+    eval_n=(256, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole file)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
@@ -391,8 +391,10 @@ def load_samples(cfg, rank=0, world=1):
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or tasks.suite_name(cfg["task"], tasks.task_options(cfg["task"], cfg))
-    held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
-                evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
+    if cfg["eval_file"]:      # a file given is always evaluated: its first eval_n samples, or all of it (eval_n=0)
+        held_out = read_samples(cfg["eval_file"])[:cfg["eval_n"] or None]
+    else:
+        held_out = evaluation.suite(name, n=cfg["eval_n"]) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 
@@ -401,7 +403,8 @@ def plan(cfg, suite):
     task is an easy mistake to make: the last line names it."""
     offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
     sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
-    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else \
+        f"{suite} (every sample)" if cfg["eval_file"] else "none (eval_n=0)"
     lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
              f"held out: {held_out}"]
     used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])

@@ -36,17 +36,17 @@ def image_batch(processor, seed=0):
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
-def eager_policy(model, batch):
+def eager_policy(model, batch, rows=R):
     """The reference: eager attention of the whole model, last layer, head mean, self weight dropped, renormalized."""
     model.set_attn_implementation("eager")
     try:
         out = model(**batch, output_attentions=True, use_cache=False)
     finally:
         model.set_attn_implementation("ral_sdpa")
-    alpha = out.attentions[-1].mean(1)[:, -R:].clone()
+    alpha = out.attentions[-1].mean(1)[:, -rows:].clone()
     T = alpha.shape[-1]
-    for j in range(R):
-        alpha[:, j, T - R + j] = 0
+    for j in range(rows):
+        alpha[:, j, T - rows + j] = 0
     return alpha / alpha.sum(-1, keepdim=True), out.logits
 
 
