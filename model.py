@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
@@ -149,17 +149,21 @@ def end_ids(model):
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
+def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True, gathered_bytes=2):
     """Per-device bytes of the training state, before activations: trainable weights (fp32 master weights: 4
     bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower (bf16), and the bf16
     reference model. FSDP shards all of it over `world` devices; DDP keeps a full copy on each (its gradient
-    buckets are views of the gradients: gradient_as_bucket_view). Works on a meta-device model (no weights)."""
+    buckets are views of the gradients: gradient_as_bucket_view). Under FSDP, `generation` is the whole policy
+    that scale.gathered holds on every device through a rollout or an evaluation, in the dtype FSDP gathers
+    (gathered_bytes: bf16 on GPU, the weights' own on CPU); DDP's replica is whole already. Works on a meta-device
+    model (no weights)."""
     trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)
     frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
     share = world if fsdp else 1
     rows = dict(weights=trainable * weight_bytes + frozen * 2, gradients=trainable * weight_bytes,
                 optimizer=trainable * 8, reference=(trainable + frozen) * 2 if reference else 0)
     rows = {k: v / share for k, v in rows.items()}
+    rows["generation"] = (trainable + frozen) * gathered_bytes if fsdp else 0
     return dict(rows, total=sum(rows.values()))
 
 
@@ -394,14 +398,17 @@ def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=Fa
     """KV-cache generation (the capture is off: no capturing() block) with sampling_config: greedy, or samples
     from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
     generator). Returns response ids B x R, padded after the first end id (any of sampling_config's: Qwen2.5-VL
-    Instruct ends on <|im_end|> or <|endoftext|>), and the response mask (ones up to and including it). A sharded
-    model (FSDP) generates with synced_gpus: a rank whose responses ended keeps stepping, since every forward
-    gathers weights from all ranks."""
+    Instruct ends on <|im_end|> or <|endoftext|>), and the response mask (ones up to and including it). Inside
+    scale.gathered a sharded (FSDP) model is whole and each rank decodes alone; outside it, it generates with
+    synced_gpus (every forward gathers weights from all ranks)."""
     extra = []
     if not greedy:
         seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
         extra = [GumbelSampler(temperature, seeds)]
-    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+    # weights still in shards (an FSDP model outside scale.gathered) are gathered in every forward: then a rank whose
+    # responses ended must keep stepping with the others (synced_gpus), or their all-gathers fall out of step
+    sharded = dist.is_initialized() and dist.get_world_size() > 1 and any(isinstance(w, DTensor)
+                                                                          for w in model.parameters())
     config = sampling_config(model, max_new_tokens, processor.tokenizer)
     out = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList(extra),
                          synced_gpus=sharded)

@@ -52,11 +52,13 @@ def test_step_phases(tmp_path):
 
 def test_memory_table_from_the_real_configs():
     """Meta-device Qwen2.5-VL configs: the 7B has 8.29 B parameters (7.62 B trainable in the LLM); with fp32 master
-    weights its training state does not fit an 80 GB GPU in DDP and does in FSDP over 8."""
+    weights its training state does not fit an 80 GB GPU in DDP and does in FSDP over 8, with the bf16 copy of the
+    whole policy that FSDP gathers for generation."""
     rows = {(r["model"], r["mode"]): r for r in bench.bench_memory(8)}
     ddp, fsdp = rows["Qwen2.5-VL-7B", "DDP"], rows["Qwen2.5-VL-7B", "FSDP"]
     assert abs(ddp["params"] / 1e9 - 8.29) < 0.01 and abs(ddp["gradients"] / 4e9 - 7.62) < 0.01
-    assert ddp["total"] > 80e9 > fsdp["total"] and abs(fsdp["total"] * 8 - ddp["total"]) < 1e3
+    assert ddp["generation"] == 0 and fsdp["generation"] == 2 * fsdp["params"]
+    assert ddp["total"] > 80e9 > fsdp["total"] and abs((fsdp["total"] - fsdp["generation"]) * 8 - ddp["total"]) < 1e3
 
 
 def test_rollout_before_and_after(tmp_path):
