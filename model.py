@@ -119,13 +119,14 @@ def build_tiny(layers=4, hidden=128, heads=4, kv_heads=2, vision_depth=2, vision
 
 
 def token_ids(model, tokenizer=None):
-    """The checkpoint's end-of-response ids (a list, the chat turn's end first) and its pad id, read where
-    transformers keeps them: it moves the ids of a flat hub config.json into text_config (the top-level
-    Qwen2_5_VLConfig has none), generation_config.json lists every end (Qwen2.5-VL Instruct: [<|im_end|>,
-    <|endoftext|>]); the tokenizer fills in what neither names."""
+    """The checkpoint's end-of-response ids (a list) and its pad id, read where transformers keeps them: it moves
+    the ids of a flat hub config.json into text_config (the top-level Qwen2_5_VLConfig has none), and
+    generation_config.json lists every end (Qwen2.5-VL Instruct: [<|im_end|>, <|endoftext|>]). The tokenizer's eos
+    token comes first (the end of a turn in its chat template: SFT targets end with it); its pad token is the last
+    resort."""
     text, generation = model.config.get_text_config(), model.generation_config
     listed = lambda v: [] if v is None else [int(v)] if isinstance(v, int) else [int(x) for x in v]
-    eos = listed(text.eos_token_id) + listed(generation.eos_token_id) + listed(getattr(tokenizer, "eos_token_id", None))
+    eos = listed(getattr(tokenizer, "eos_token_id", None)) + listed(text.eos_token_id) + listed(generation.eos_token_id)
     pads = (text.pad_token_id, generation.pad_token_id, getattr(tokenizer, "pad_token_id", None))
     if not eos:
         raise ValueError("the checkpoint names no end-of-sequence token (config, generation_config or tokenizer)")
