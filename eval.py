@@ -143,7 +143,8 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
     """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
     `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer); reward_fn scores.
     Under torchrun (world > 1) each rank scores samples[rank::world] and the per-sample results are gathered, so
-    every rank returns what one process would, and none idles.
+    every rank returns what one process would, and none idles. The ranks' forwards differ in number, so a sharded
+    (FSDP) model must be whole for it (scale.gathered), as ral.train has it.
     grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
     acc, fmt, ground, chance = [], [], [], []
     training = model is not None and model.training

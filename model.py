@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -119,13 +119,14 @@ def build_tiny(layers=4, hidden=128, heads=4, kv_heads=2, vision_depth=2, vision
 
 
 def token_ids(model, tokenizer=None):
-    """The checkpoint's end-of-response ids (a list, the chat turn's end first) and its pad id, read where
-    transformers keeps them: it moves the ids of a flat hub config.json into text_config (the top-level
-    Qwen2_5_VLConfig has none), generation_config.json lists every end (Qwen2.5-VL Instruct: [<|im_end|>,
-    <|endoftext|>]); the tokenizer fills in what neither names."""
+    """The checkpoint's end-of-response ids (a list) and its pad id, read where transformers keeps them: it moves
+    the ids of a flat hub config.json into text_config (the top-level Qwen2_5_VLConfig has none), and
+    generation_config.json lists every end (Qwen2.5-VL Instruct: [<|im_end|>, <|endoftext|>]). The tokenizer's eos
+    token comes first (the end of a turn in its chat template: SFT targets end with it); its pad token is the last
+    resort."""
     text, generation = model.config.get_text_config(), model.generation_config
     listed = lambda v: [] if v is None else [int(v)] if isinstance(v, int) else [int(x) for x in v]
-    eos = listed(text.eos_token_id) + listed(generation.eos_token_id) + listed(getattr(tokenizer, "eos_token_id", None))
+    eos = listed(getattr(tokenizer, "eos_token_id", None)) + listed(text.eos_token_id) + listed(generation.eos_token_id)
     pads = (text.pad_token_id, generation.pad_token_id, getattr(tokenizer, "pad_token_id", None))
     if not eos:
         raise ValueError("the checkpoint names no end-of-sequence token (config, generation_config or tokenizer)")
@@ -149,17 +150,21 @@ def end_ids(model):
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
+def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True, gathered_bytes=2):
     """Per-device bytes of the training state, before activations: trainable weights (fp32 master weights: 4
     bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower and merger (bf16, one
     replica per device in every mode, shared by the policy and the reference: scale.replicate_tower), and the bf16
     reference LLM. FSDP shards all but the tower over `world` devices; DDP keeps a full copy on each (its gradient
-    buckets are views of the gradients: gradient_as_bucket_view). Works on a meta-device model (no weights)."""
+    buckets are views of the gradients: gradient_as_bucket_view). Under FSDP, `generation` is the whole LLM that
+    scale.gathered holds on every device through a rollout or an evaluation, in the dtype FSDP gathers
+    (gathered_bytes: bf16 on GPU, the weights' own on CPU); DDP's replica is whole already. Works on a meta-device
+    model (no weights)."""
     trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)
     frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
     share = world if fsdp else 1
     rows = dict(weights=trainable * weight_bytes / share + frozen * 2, gradients=trainable * weight_bytes / share,
-                optimizer=trainable * 8 / share, reference=trainable * 2 / share if reference else 0)
+                optimizer=trainable * 8 / share, reference=trainable * 2 / share if reference else 0,
+                generation=trainable * gathered_bytes if fsdp else 0)
     return dict(rows, total=sum(rows.values()))
 
 
@@ -190,13 +195,13 @@ def ral_sdpa(module, query, key, value, attention_mask, **kwargs):
     closed when backward recomputes the layer, and the capture saves nothing inside it)."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
-        _capture.update(query=query, key=key, mask=attention_mask, groups=module.num_key_value_groups,
-                        scaling=kwargs.get("scaling", module.scaling))
+        _capture.update(query=query, key=key, mask=attention_mask, scaling=kwargs.get("scaling", module.scaling))
     return out
 
 
 def attention_policy(query, key, attention_mask, rows, scaling):
-    """query B x H x T x d (after rotary), key B x H x T x d, attention_mask: None (plain causal) or SDPA's boolean
+    """query B x H x T x d (after rotary), key B x K x T x d (the K key-value heads as the layer computed them, before
+    repeat_kv: query head h reads key head h // (H / K)), attention_mask: None (plain causal) or SDPA's boolean
     B x 1 x T x T (True = may attend) or additive float mask. Returns B x rows x T: p^t over keys, zero at t and after.
     """
     T = key.shape[2]
@@ -217,28 +222,31 @@ def head_softmax(q, k, allowed, scaling):
 
 
 class HeadMeanSoftmax(torch.autograd.Function):
-    """The mean over heads of the attention weights of R query rows, B x R x T. Autograd alone would keep every
-    head's B x R x T weights for backward; this keeps only q and k and recomputes one head at a time, so the
-    capture's memory is O(B x R x T)."""
+    """The mean over the H query heads of the attention weights of R query rows, B x R x T. Autograd alone would
+    keep every head's B x R x T weights for backward; this keeps only q (B x H x R x d) and k (B x K x T x d, the K
+    key-value heads, not repeated to H: grouped-query attention shares key head h // (H / K) among H / K query
+    heads) and recomputes one head at a time, so the capture's memory is O(B x R x T)."""
 
     @staticmethod
     def forward(ctx, q, k, allowed, scaling):
         ctx.save_for_backward(q, k, allowed)
-        ctx.scaling = scaling
+        ctx.scaling, groups = scaling, q.shape[1] // k.shape[1]
         out = head_softmax(q[:, 0], k[:, 0], allowed, scaling)
         for h in range(1, q.shape[1]):
-            out += head_softmax(q[:, h], k[:, h], allowed, scaling)
+            out += head_softmax(q[:, h], k[:, h // groups], allowed, scaling)
         return out / q.shape[1]
 
     @staticmethod
     def backward(ctx, grad):
         q, k, allowed = ctx.saved_tensors
-        s, g = ctx.scaling, grad / q.shape[1]
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        s, g, groups = ctx.scaling, grad / q.shape[1], q.shape[1] // k.shape[1]
+        dq, dk = torch.empty_like(q), torch.zeros_like(k)
         for h in range(q.shape[1]):
-            a = head_softmax(q[:, h], k[:, h], allowed, s)
+            kh = k[:, h // groups]
+            a = head_softmax(q[:, h], kh, allowed, s)
             ds = a * (g - (a * g).sum(-1, keepdim=True))                       # softmax backward
-            dq[:, h], dk[:, h] = ds @ k[:, h] * s, ds.transpose(1, 2) @ q[:, h] * s
+            dq[:, h] = ds @ kh * s
+            dk[:, h // groups] += ds.transpose(1, 2) @ q[:, h] * s             # a key head sums its query heads
         return dq, dk, None, None
 
 
@@ -350,8 +358,7 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
-    p = attention_policy(c["query"], repeat_kv(c["key"], c["groups"]), c["mask"], response_len, c["scaling"]) \
-        if attention else None
+    p = attention_policy(c["query"], c["key"], c["mask"], response_len, c["scaling"]) if attention else None
     return (logp, p, logprobs) if full else (logp, p)
 
 
@@ -392,14 +399,17 @@ def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=Fa
     """KV-cache generation (the capture is off: no capturing() block) with sampling_config: greedy, or samples
     from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
     generator). Returns response ids B x R, padded after the first end id (any of sampling_config's: Qwen2.5-VL
-    Instruct ends on <|im_end|> or <|endoftext|>), and the response mask (ones up to and including it). A sharded
-    model (FSDP) generates with synced_gpus: a rank whose responses ended keeps stepping, since every forward
-    gathers weights from all ranks."""
+    Instruct ends on <|im_end|> or <|endoftext|>), and the response mask (ones up to and including it). Inside
+    scale.gathered a sharded (FSDP) model is whole and each rank decodes alone; outside it, it generates with
+    synced_gpus (every forward gathers weights from all ranks)."""
     extra = []
     if not greedy:
         seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
         extra = [GumbelSampler(temperature, seeds)]
-    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+    # weights still in shards (an FSDP model outside scale.gathered) are gathered in every forward: then a rank whose
+    # responses ended must keep stepping with the others (synced_gpus), or their all-gathers fall out of step
+    sharded = dist.is_initialized() and dist.get_world_size() > 1 and any(isinstance(w, DTensor)
+                                                                          for w in model.parameters())
     config = sampling_config(model, max_new_tokens, processor.tokenizer)
     out = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList(extra),
                          synced_gpus=sharded)

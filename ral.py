@@ -31,8 +31,8 @@ from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
     take_rows, to_device, with_responses
-from scale import compute, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, save_checkpoint, \
-    setup_distributed, shard, wrap
+from scale import compute, gathered, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, \
+    save_checkpoint, setup_distributed, shard, wrap
 from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def trainer_state(cfg, start, rank, world, device):
     if ref_model is not None:   # the same frozen tower (prepare): one replica per device, not two
         model.model.visual = ref_model.model.visual
     if rank == 0:
-        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
+        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None, device=device))
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
     train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
@@ -501,11 +501,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     metrics_path, samples_path, run = open_logs(cfg, step, resumed, rank)
     prompts_of = step_prompts(cfg, train_samples, rank, world)
 
-    def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
-        if held_out:     # every rank in step, so under FSDP each rank runs them all
-            share = dict(rank=0, world=1) if cfg["fsdp"] else dict(rank=rank, world=world)
-            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn, **share)
+    def evaluate(tag):   # every rank scores its share of the held-out samples; under FSDP with the weights
+        if held_out:     # gathered once (scale.gathered), so the ranks' forwards need not stay in step
+            with gathered(model):
+                r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
+                                        reward_fn=reward_fn, rank=rank, world=world)
             results[tag] = r
             if rank == 0:
                 print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -519,10 +519,13 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
+            # a sharded policy is gathered once for it (not once per new token), so each rank decodes its own
+            # prompts alone; the sharded reference's forwards gather in each, as many on every rank
             model.eval()
-            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
-                                                               mode, step, rank * (cfg["prompts_per_step"] // world),
-                                                               device, reward_fn)
+            first_group = rank * (cfg["prompts_per_step"] // world)
+            with gathered(model):
+                micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
+                                                                   mode, step, first_group, device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state

@@ -5,7 +5,7 @@ distill.py call these; on one CPU process each is a no-op or a plain save.
 """
 import os
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
 import torch
@@ -28,9 +28,10 @@ def compute(cfg, device):
     return torch.autocast(device.split(":")[0], torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
-def memory_report(model, world, fsdp=False, reference=True):
-    weight_bytes = next(w for w in model.parameters() if w.requires_grad).element_size()     # not the bf16 tower's
-    m = training_memory(model, world, fsdp, weight_bytes, reference)
+def memory_report(model, world, fsdp=False, reference=True, device="cpu"):
+    w = next(w for w in model.parameters() if w.requires_grad)    # a master weight (not the bf16 tower's)
+    gathered_bytes = 2 if device.startswith("cuda") else w.element_size()    # FSDP gathers in bf16 on GPU (wrap)
+    m = training_memory(model, world, fsdp, w.element_size(), reference, gathered_bytes)
     return f"training state per device ({'FSDP' if fsdp else 'DDP' if world > 1 else 'one process'}, " \
            f"{world} device(s)): " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in m.items())
 
@@ -93,6 +94,26 @@ def shard(model, world, device, policy=MixedPrecisionPolicy()):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(model.model.visual.parameters()))
     return model
+
+
+@contextmanager
+def gathered(model):
+    """A sharded (FSDP) model whole for a block of forwards that need no gradient (a rollout, an evaluation): every
+    unit all-gathers its weights once (in the compute dtype: bf16 on GPU) and keeps them until the block ends,
+    instead of once per forward, which is once per new token in generate (4 N + 1 all-gathers for N tokens on the
+    tiny model). Inside, forwards make no collective at all, so each rank can decode its own prompts to its own
+    length. After it every unit is resharded and reshards after forward again (FSDP's defaults, which shard()
+    uses: every unit but the root; torch PR 149103 added the setter for this). A no-op for any other model."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,21 @@ def test_hub_checkpoint_loads_with_its_token_ids(hub):
     assert (size.shortest_edge, size.longest_edge) == (3136, 12845056)
 
 
+def test_token_ids_fall_back_in_order(hub):
+    """The tokenizer's eos first, then text_config's, then generation_config's list; the pad id from text_config,
+    else generation_config, else the tokenizer; a checkpoint that names no end at all is an error."""
+    model, processor = M.load(hub[0])
+    tok = processor.tokenizer
+    assert M.token_ids(model, tok) == ([IM_END, END_OF_TEXT], END_OF_TEXT)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [7, IM_END], None
+    tok.pad_token = "<|box_start|>"
+    assert M.token_ids(model, tok) == ([IM_END, 7], IDS["<|box_start|>"])     # 151645 from tokenizer and config
+    model.config.text_config.eos_token_id, model.generation_config.eos_token_id = None, None
+    assert M.token_ids(model, tok) == ([IM_END], IDS["<|box_start|>"])         # the tokenizer alone
+    with pytest.raises(ValueError, match="names no end-of-sequence token"):
+        M.token_ids(model, None)
+
+
 def test_prompt_on_the_hub_tokenizer(hub, tmp_path):
     """The real template adds its default system prompt to a conversation without one; data.encode's prompt (which
     has one) holds it once, then the image or video as vision_start, one pad per merged token, vision_end."""
