@@ -74,7 +74,8 @@ def video_r1_file(folder, kinds):
         if kind == "image":
             s["image"].save(folder / f"image{i}.png")
         rows.append(dict(problem_id=i, problem=s["question"].split("\n")[0], data_type=kind,
-                         problem_type="multiple choice", options=s["options"], solution=f"<answer>{s['answer']}</answer>",
+                         problem_type="multiple choice", options=s["options"],
+                         solution=f"<answer>{s['answer']}</answer>",
                          path=f"image{i}.png" if kind == "image" else s["video"].rsplit("/", 1)[1],
                          process=f"<think>{s['rationale']}</think>"))
     path = folder / "mixed.jsonl"
@@ -93,7 +94,8 @@ def mixed_layout(n, sft_steps, sft_batch, rl_steps, prompts_per_step, world=2):
         for kinds in itertools.product(("image", "video"), repeat=n):
             shares = [[kinds[i] for i in b[r * len(b) // world:(r + 1) * len(b) // world]] for b in batches
                       for r in range(world)]
-            if all(set(s) == {"image", "video"} for s in shares[0::2]) and all(set(s) == {"image"} for s in shares[1::2]):
+            mixed, images = shares[0::2], shares[1::2]                       # rank 0's, rank 1's
+            if all(set(s) == {"image", "video"} for s in mixed) and all(set(s) == {"image"} for s in images):
                 return seed, list(kinds)
     raise AssertionError("no such layout")
 
@@ -105,7 +107,8 @@ def test_mixed_media_sft_and_rl_on_two_fsdp_ranks_match_one_process(tmp_path):
     seed, kinds = mixed_layout(4, sft_steps=2, sft_batch=4, rl_steps=1, prompts_per_step=4)
     path = video_r1_file(tmp_path / "data", kinds)
     args = [f"--seed={seed}", f"--sft_file={path}", f"--train_file={path}", "--sft_stop=0", "--sft_steps=2",
-            "--sft_batch=4", "--sft_lr=1e-2", "--rl_steps=1", "--prompts_per_step=4", "--group_size=2", "--mini_batches=2",
+            "--sft_batch=4", "--sft_lr=1e-2", "--rl_steps=1", "--prompts_per_step=4", "--group_size=2",
+            "--mini_batches=2",
             "--max_new_tokens=4", "--eval_n=0", "--vision_cache=False", "--tiny_layers=1", "--tiny_hidden=64",
             "--lr=1e-3", "--task_frames=4"]
     runs = {}
