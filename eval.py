@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import data
 import model as policy
+from cli import import_function
 
 
 
@@ -242,7 +243,8 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
     mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None
     return dict(n=n, accuracy=sum(acc) / max(n, 1), accuracy_ci=wilson(sum(acc), n),
                 format=sum(fmt) / max(n, 1), format_ci=wilson(sum(fmt), n), grounding_chance=mean(chance),
-                **{key: mean(g) for key, g in zip(GROUNDING_ROWS, columns[3:])})
+                **{key: mean(g) for key, g in zip(GROUNDING_ROWS, columns[3:])},
+                **({"reward": reward_label(reward_fn)} if reward_fn is not data.reward else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,10 +401,15 @@ def run_mode(path):
     return "zero" if "zero" in os.path.basename(os.path.normpath(path)) else "think"
 
 
-def filed_as(name, n):
-    """The key of a result in eval.json: its suite and its number of samples. Results on other samples (another n)
-    sit beside each other; none replaces another."""
-    return f"{name} n={n}"
+def filed_as(name, n, reward=None):
+    """The key of a result in eval.json: its suite, its number of samples and, if not data.reward, its reward.
+    Results on other samples (another n) or scored otherwise sit beside each other; none replaces another."""
+    return f"{name} n={n}" + (f" reward={reward}" if reward else "")
+
+
+def reward_label(reward_fn):
+    """How a result names the reward that scored it: None for data.reward, else module.function."""
+    return None if reward_fn is data.reward else f"{reward_fn.__module__}.{reward_fn.__qualname__}"
 
 
 def suite_of(key):
@@ -425,22 +432,24 @@ def save_eval(path, mode, suites, out=None):
     """Add results ({suite name: evaluate's result}) to eval.json (default: beside the weights at path), each under
     filed_as(name, its n): the one writer of its schema, used by the trainer and by this file."""
     out = out or os.path.join(weights_dir(path), "eval.json")
-    new = {filed_as(name, r["n"]): r for name, r in suites.items()}
+    new = {filed_as(name, r["n"], r.get("reward")): r for name, r in suites.items()}
     write_json(dict(ckpt=path, mode=mode, suites={**stored_suites(out), **new}), out)
 
 
-def find_result(results, name, n=None):
-    """The result in `results` (stored_suites' keys) on the samples suite(name, n) draws, or None."""
+def find_result(results, name, n=None, reward_fn=data.reward):
+    """The result in `results` (stored_suites' keys) on the samples suite(name, n) draws, scored by reward_fn, or
+    None."""
     count = len(suite(name, n)) if name.endswith((".json", ".jsonl")) else n or EVAL_N
-    return results.get(filed_as(name, count))
+    return results.get(filed_as(name, count, reward_label(reward_fn)))
 
 
 def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16, max_new_tokens=64,
-                    maps=0, maps_dir=None):
+                    maps=0, maps_dir=None, reward_fn=data.reward):
     results = {}
     for name in tqdm(names, desc="suites", disable=len(names) < 2):
         samples = suite(name, n=n)
-        results[name] = evaluate(model, processor, samples, mode, batch_size, max_new_tokens, desc=name)
+        results[name] = evaluate(model, processor, samples, mode, batch_size, max_new_tokens, desc=name,
+                                 reward_fn=reward_fn)
         for i, sample in enumerate(samples[:maps]):
             if sample.get("image") is not None or sample.get("video") is not None:
                 out = os.path.join(maps_dir, f"{os.path.basename(name)}-{i}.png")
@@ -467,7 +476,7 @@ def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
     saved = saved_results(path).get("suites", {})
-    results = {s: find_result(saved, s, n) for s in names}
+    results = {s: find_result(saved, s, n, kw.get("reward_fn", data.reward)) for s in names}
     missing = [s for s, r in results.items() if r is None]
     if missing:
         mode = mode or run_mode(path)
@@ -537,8 +546,11 @@ def main(argv=None):
     ap.add_argument("--metric", default="accuracy", choices=["accuracy", "format", "grounding"])
     ap.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval.json for a folder)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reward", default="", help="module:function (or file.py:function) scoring the responses, as "
+                                                  "ral.py's --reward (default: data.reward)")
     args = ap.parse_args(argv)
-    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              reward_fn=import_function(args.reward) if args.reward else data.reward)
     if args.compare:
         names = args.suite or sorted({suite_of(k) for p in args.compare for k in saved_results(p).get("suites", {})
                                       }) or SUITES
