@@ -176,8 +176,8 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
         scenes = [_scene(rng, side, clutter, colour, with_target=(f == needle)) for f in range(frames)]
         path = os.path.join(folder, f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}-{i}.mp4")
         if not os.path.exists(path):   # a function of the name: another rank (or run) may have written it already
-            write_mp4([img for img, _ in scenes], path + ".tmp.mp4")
-            os.replace(path + ".tmp.mp4", path)
+            write_mp4([img for img, _ in scenes], f"{path}.{os.getpid()}.tmp.mp4")   # another rank may write it
+            os.replace(f"{path}.{os.getpid()}.tmp.mp4", path)                         # at once: same bytes
         box = scenes[needle][1]
         samples.append(dict(id=f"video-{tokens_per_frame}-{seed}-{i}", question=question, options=options,
                             answer=letter, problem_type="multiple choice", image=None, video=path,
@@ -185,6 +185,55 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
                             rationale=(f"The star is in frame {needle + 1} of {frames}, in the {_where(box, side)}. "
                                        f"It is {colour}."), source="video"))
     return samples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task registry: every offline family is one entry, and every stage reads it from here (ral.py's --task and
+# load_samples, sft.py's stream and early-stop validation, eval.py's suites, study.py's task part). A new family is
+# one generator plus one entry; the tokenizer needs nothing (byte-level: any text encodes).
+#   make(n, seed, options, folder) -> n samples, a function of (n, seed, options); folder: where media files go
+#   options: ((ral.py option, the suite name's default or None), ...), the options it reads, in suite-name order
+#   stream:  True if an endless stream is cheap (images in memory); False: finite sizes (--train_size, --sft_size)
+#   suites:  its standard held-out suites (eval.py evaluates them all by default)
+
+TASKS = dict(
+    search=dict(make=lambda n, seed, o, folder=None: search_task(n, seed=seed, tokens=o["task_tokens"]),
+                options=(("task_tokens", None),), stream=True,
+                suites=("search-16", "search-64", "search-256", "search-1024"),
+                about="one image: the colour of the one star among distractors"),
+    video=dict(make=lambda n, seed, o, folder=None: video_task(n, seed=seed, frames=o["task_frames"], folder=folder,
+                                                               tokens_per_frame=o["task_tokens"]),
+               options=(("task_frames", None), ("task_tokens", 16)), stream=False,
+               suites=("video-4", "video-8", "video-16"),
+               about="the needle: the star's colour, in one frame of an mp4"),
+)
+
+
+def task_options(task, cfg):
+    """The options a task reads, from a run's config (ral.py's options)."""
+    return {key: cfg[key] for key, _ in TASKS[task]["options"]}
+
+
+def suite_name(task, options):
+    """The one spelling of an offline suite's name: the task, then its option values joined by x, trailing values
+    at the name's default left out (search-16, video-8, video-8x64)."""
+    values = [options[key] for key, _ in TASKS[task]["options"]]
+    defaults = [default for _, default in TASKS[task]["options"]]
+    while len(values) > 1 and values[-1] == defaults[-1]:
+        values, defaults = values[:-1], defaults[:-1]
+    return f"{task}-{'x'.join(str(v) for v in values)}"
+
+
+def parse_suite(name):
+    """suite_name's inverse: (task, options), or None if name is not an offline suite's."""
+    task, _, rest = name.partition("-")
+    values = rest.split("x")
+    spec = TASKS.get(task, dict(options=()))["options"]
+    if not spec or not all(v.isdigit() for v in values) or len(values) > len(spec):
+        return None
+    options = {key: default for key, default in spec}
+    options.update({key: int(v) for (key, _), v in zip(spec, values)})
+    return (task, options) if None not in options.values() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,13 +265,14 @@ STREAM_SEED, BLOCK = 1 << 20, 64   # stream seeds lie above eval's held-out seed
 
 
 def offline_stream(cfg, stage):
-    """The offline search task as an endless stream for one stage (0: SFT, 1: RL): item i lies in block i // 64,
-    drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a resume.
-    Returns take(start, count) -> samples."""
+    """The run's offline task (cfg["task"], a stream task of TASKS) as an endless stream for one stage (0: SFT,
+    1: RL): item i lies in block i // 64, drawn with its own seed, so no prompt repeats and item i is the same for
+    any ranks or after a resume. Returns take(start, count) -> samples."""
+    make, options = TASKS[cfg["task"]]["make"], task_options(cfg["task"], cfg)
+
     @functools.lru_cache(maxsize=4)
     def block(b):
-        return search_task(BLOCK, seed=STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40,
-                                tokens=cfg["task_tokens"])
+        return make(BLOCK, STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40, options)
     return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]
 
 

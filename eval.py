@@ -40,17 +40,7 @@ from cli import import_function
 
 
 
-def suite_name(task, tokens, frames=None):
-    """The one spelling of an offline suite's name: search-<tokens>, video-<frames> (16 tokens per frame, data.py's
-    default) or video-<frames>x<tokens per frame>."""
-    if task == "search":
-        return f"search-{tokens}"
-    return f"video-{frames}" if tokens == 16 else f"video-{frames}x{tokens}"
-
-
-SEARCH_SUITES = [suite_name("search", t) for t in (16, 64, 256, 1024)]
-VIDEO_SUITES = [suite_name("video", 16, f) for f in (4, 8, 16)]
-SUITES = SEARCH_SUITES + VIDEO_SUITES
+SUITES = [name for task in data.TASKS.values() for name in task["suites"]]   # every task's standard suites
 # The held-out draw's one owner: ral.py's eval_n defaults to EVAL_N, and both draw with EVAL_SEED, so the trainer's
 # result and this file's are on the same samples. A draw of n is not a prefix of a larger one (the answers are
 # balanced over the whole draw), so eval.json files each result under its suite and n (filed_as).
@@ -97,24 +87,19 @@ def mean_ci(values):
 # ----------------------------------------------------------------------------------------------------------------
 # Suites
 
-def suite(name, n=None, seed=None):
-    """An offline suite by name ("search-<visual tokens>", "video-<frames>"), drawn with the held-out eval seed,
-    or a Video-R1 style .json/.jsonl benchmark (its first n samples if n is given)."""
+def suite(name, n=None, seed=None, folder=None):
+    """An offline suite by name (data.suite_name: "search-<visual tokens>", "video-<frames>", any task of
+    data.TASKS), drawn with the held-out eval seed, or a Video-R1 style .json/.jsonl benchmark (its first n samples
+    if n is given). folder: where a suite's media files go (default: a temporary folder)."""
     if name.endswith((".json", ".jsonl")):
         samples = data.load_dataset(name)
         return samples[:n] if n else samples
-    kind, _, size = name.partition("-")
-    frames, x, per_frame = size.partition("x")  # video-8x64: 8 frames of 64 tokens (default: data.py's 16)
-    valid = (kind == "search" and size.isdigit() or
-             kind == "video" and frames.isdigit() and (per_frame.isdigit() or not x))
-    if not valid:
-        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} (video-<frames>x<tokens per "
-                         f"frame> also works) or a path to a .json/.jsonl file")
-    n, seed = n or EVAL_N, EVAL_SEED if seed is None else seed
-    if kind == "search":
-        return data.search_task(n, seed=seed, tokens=int(size))
-    extra = dict(tokens_per_frame=int(per_frame)) if per_frame else {}
-    return data.video_task(n, seed=seed, frames=int(frames), **extra)
+    parsed = data.parse_suite(name)
+    if parsed is None:
+        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} (or another size of a task in "
+                         f"data.TASKS: {', '.join(data.TASKS)}) or a path to a .json/.jsonl file")
+    task, options = parsed
+    return data.TASKS[task]["make"](n or EVAL_N, EVAL_SEED if seed is None else seed, options, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ OPTIONS = dict(   # name: (default, meaning)
     algo=("ral", "'ral' (Eq. 4) or 'grpo' (the same with lambda_attn = 0)"),
     zero=(True, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward (False: the "
                 "paper's <think> format; the tiny default answers directly, see README)"),
-    task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
+    task=("search", "offline task when no data files are given, one of data.TASKS: " + "; ".join(
+        f"'{name}' ({t['about']})" for name, t in data.TASKS.items())),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
     task_frames=(8, "frames per video (video task)"),
     train_size=(0, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
@@ -169,7 +170,7 @@ def check(cfg):
         if not ok:
             raise UsageError(message)
     need(cfg["algo"] in ("grpo", "ral"), f"--algo must be grpo or ral, got {cfg['algo']!r}")
-    need(cfg["task"] in ("search", "video"), f"--task must be search or video, got {cfg['task']!r}")
+    need(cfg["task"] in data.TASKS, f"--task must be one of {', '.join(data.TASKS)}, got {cfg['task']!r}")
     need(math.isqrt(cfg["task_tokens"]) ** 2 == cfg["task_tokens"] > 0,
          f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
     need(1 <= cfg["mini_batches"] <= cfg["group_size"],
@@ -197,8 +198,9 @@ def check(cfg):
          or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
-    need(cfg["task"] == "search" or (cfg["train_size"] and cfg["sft_size"]),
-         "--train_size=0 / --sft_size=0 (an endless stream) needs --task=search")
+    need(data.TASKS[cfg["task"]]["stream"] or (cfg["train_size"] or cfg["train_file"]) and
+         (cfg["sft_size"] or cfg["sft_file"] or not cfg["sft_steps"]),
+         f"--task={cfg['task']} has no endless stream (its media are files): give --train_size and --sft_size")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
     need(not cfg["sft_stop"] or not cfg["sft_file"], f"--sft_stop={cfg['sft_stop']} (the tiny recipe's early stop) "
@@ -381,27 +383,41 @@ def read_samples(path):
 
 def load_samples(cfg, rank=0, world=1):
     """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task; None for an endless
-    stream) and the held-out suite's name, under which its results are filed in eval.json. The offline video
-    task's files are written once, by rank 0, while the others wait; then every rank finds them."""
-    if cfg["task"] == "search":   # a size of 0 is the endless stream (None here); equal sizes are the same set
-        offline = lambda n: data.search_task(n, seed=cfg["seed"], tokens=cfg["task_tokens"]) if n else None
-        sft_set, rl_set = offline(cfg["sft_size"]), offline(cfg["train_size"])
-    else:
-        video = lambda: data.video_task(max(cfg["train_size"], cfg["sft_size"]), seed=cfg["seed"],
-                                        frames=cfg["task_frames"], folder=os.path.join(cfg["out_dir"], "videos"),
-                                        tokens_per_frame=cfg["task_tokens"])
-        offline = video() if rank == 0 else None
+    stream) and the held-out suite's name, under which its results are filed in eval.json."""
+    task = data.TASKS[cfg["task"]]
+    make = lambda n: task["make"](n, cfg["seed"], data.task_options(cfg["task"], cfg),
+                                  os.path.join(cfg["out_dir"], "media"))
+    if task["stream"]:   # a size of 0 is the endless stream (None here); equal sizes are the same set
+        sft_set, rl_set = (make(n) if n else None for n in (cfg["sft_size"], cfg["train_size"]))
+    else:                # one draw of files, written by rank 0 while the others wait; SFT and RL take slices
+        offline = make(max(cfg["train_size"], cfg["sft_size"])) if rank == 0 else None
         if world > 1:
             dist.barrier()
-        offline = offline or video()
-        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]   # slices of one draw
+        offline = offline or make(max(cfg["train_size"], cfg["sft_size"]))
+        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
-    name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
+    name = cfg["eval_file"] or data.suite_name(cfg["task"], data.task_options(cfg["task"], cfg))
     held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
                 evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
+
+def plan(cfg, suite):
+    """What each stage reads, one line each. A data file given for one stage while another falls back to the offline
+    task is an easy mistake to make: the last line names it."""
+    offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
+    sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
+             f"held out: {held_out}"]
+    used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
+    given = [k for k in used if cfg[k]]
+    missing = [k for k in used if used[k] and not cfg[k]]
+    if given and missing:
+        lines.append(f"note: --{', --'.join(given)} given but not --{', --'.join(missing)}: "
+                     f"{'that stage uses' if len(missing) == 1 else 'those stages use'} the offline task")
+    return "\n".join(lines)
 
 
 def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
@@ -532,6 +548,7 @@ def main(argv, reward_fn=data.reward):
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
+        print(plan(cfg, suite))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world, reward_fn)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,

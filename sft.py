@@ -59,7 +59,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
-    val = data.search_task(cfg["sft_val_n"], seed=VAL_SEED, tokens=cfg["task_tokens"]) if cfg["sft_stop"] else None
+    val = data.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, data.task_options(cfg["task"], cfg),
+                                          os.path.join(cfg["out_dir"], "media")) if cfg["sft_stop"] else None
     raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
     if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
         load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
@@ -116,11 +117,10 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     return log
 
 
-# Every option that changes what SFT produces; with the data file's content and the code (code_hash), they name
-# the warm start.
-WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "sft_size",
-             "sft_file", "sft_steps", "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
-             "compute_dtype")
+# Every option that changes what SFT produces; with the task's own options (data.TASKS), the data file's
+# content and the code (code_hash), they name the warm start.
+WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
+             "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
 STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
@@ -154,7 +154,8 @@ def warm_recipe(cfg, reward_fn=data.reward):
     recipe["code_sha256"] = code_hash()
     if cfg["sft_stop"] and reward_fn is not data.reward:   # the stop scores its samples with it
         recipe["reward"] = reward_name(reward_fn)
-    if cfg["task"] == "video":      # its SFT set is a slice of one draw of max(sft_size, train_size) videos
+    recipe.update(data.task_options(cfg["task"], cfg))
+    if not data.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
         recipe["train_size"] = cfg["train_size"]
     if cfg["sft_file"]:
         with open(cfg["sft_file"], "rb") as f:
@@ -186,7 +187,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.rewar
             changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
             raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
         if rank == 0:
-            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={recipe[k]}' for k in WARM_KEYS)})")
+            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={v}' for k, v in recipe.items())})")
         return path
     partial, state = path + ".partial", None
     if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):

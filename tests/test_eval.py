@@ -204,7 +204,7 @@ def test_reads_the_trainers_run_folder(tmp_path):
     ev.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
     (run / "ckpt").mkdir()
     (run / "ckpt" / "config.json").write_text("{}")
-    ev.save_eval(str(run / "ckpt"), "zero", {ev.suite_name("search", 256): fake_result(0.5, n=128)})
+    ev.save_eval(str(run / "ckpt"), "zero", {ev.data.suite_name("search", dict(task_tokens=256)): fake_result(0.5, n=128)})
     assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
     saved = ev.saved_results(str(run))
     assert saved["suites"]["search-256 n=128"]["n"] == 128
