@@ -502,12 +502,14 @@ def compare(paths, names, metric="accuracy", **kw):
 def table(results):
     """One checkpoint: a row per suite."""
     fmt = lambda v, ci: f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    lines = ["| suite | n | accuracy % [95% CI] | format % [95% CI] | grounding |", "|---|---|---|---|---|"]
+    lines = ["| suite | n | accuracy % [95% CI] | format % [95% CI] | grounding (rows that choose the answer) | "
+             "grounding (all response rows) |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         g = "–" if r["grounding"] is None else f"{r['grounding']:.3f}" + (
             f" (uniform {r['grounding_chance']:.3f})" if r.get("grounding_chance") is not None else "")
+        every = "–" if r.get("grounding_all_rows") is None else f"{r['grounding_all_rows']:.3f}"
         lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'], r['accuracy_ci'])} | "
-                     f"{fmt(r['format'], r['format_ci'])} | {g} |")
+                     f"{fmt(r['format'], r['format_ci'])} | {g} | {every} |")
     return "\n".join(lines)
 
 
