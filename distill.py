@@ -8,6 +8,8 @@ runs on the same sequences, and the student learns from three terms:
 gamma_attn=0 is the on-policy knowledge-distillation baseline (KD); the default adds attention distillation.
 
     python distill.py                                # tiny default: 4-layer teacher -> 2-layer student, on CPU
+                                                     # (the teacher: ral.py's tiny model after all 1500 SFT steps,
+                                                     # no early stop; not the warm start `python ral.py` makes)
     python distill.py --gamma_attn=0                 # the KD baseline, same seed
     python distill.py --teacher=out/ral --init_from=Qwen/Qwen2.5-VL-7B-Instruct ...
     torchrun --nproc_per_node=8 distill.py config/my_preset.py
@@ -143,7 +145,8 @@ def teacher_and_student(cfg, sft_samples, mode, device, rank, world, reward_fn=d
         problem = check_source(teacher_path)
         if problem:
             raise UsageError(f"--teacher: {problem}")
-    else:   # the warm start `python ral.py` makes (or reuses) at the same path
+    else:   # ral.py's tiny model after all teacher_sft_steps of SFT, no early stop: a recipe (and folder) of its
+            # own beside out_dir, not the early-stopped warm start `python ral.py` makes; made once, then reused
         teacher_path = sft.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
                                            sft_steps=cfg["teacher_sft_steps"], sft_stop=0.0), sft_samples, mode, device, rank, world)
     if cfg["init_from"] != "tiny":
