@@ -36,11 +36,12 @@ from tqdm import tqdm
 
 import data
 import model as policy
+import tasks
 from cli import import_function
 
 
 
-SUITES = [name for task in data.TASKS.values() for name in task["suites"]]   # every task's standard suites
+SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
 # The held-out draw's one owner: ral.py's eval_n defaults to EVAL_N, and both draw with EVAL_SEED, so the trainer's
 # result and this file's are on the same samples. A draw of n is not a prefix of a larger one (the answers are
 # balanced over the whole draw), so eval.json files each result under its suite and n (filed_as).
@@ -88,18 +89,18 @@ def mean_ci(values):
 # Suites
 
 def suite(name, n=None, seed=None, folder=None):
-    """An offline suite by name (data.suite_name: "search-<visual tokens>", "video-<frames>", any task of
-    data.TASKS), drawn with the held-out eval seed, or a Video-R1 style .json/.jsonl benchmark (its first n samples
+    """An offline suite by name (tasks.suite_name: "search-<visual tokens>", "video-<frames>", any task of
+    tasks.TASKS), drawn with the held-out eval seed, or a Video-R1 style .json/.jsonl benchmark (its first n samples
     if n is given). folder: where a suite's media files go (default: a temporary folder)."""
     if name.endswith((".json", ".jsonl")):
         samples = data.load_dataset(name)
         return samples[:n] if n else samples
-    parsed = data.parse_suite(name)
+    parsed = tasks.parse_suite(name)
     if parsed is None:
         raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} (or another size of a task in "
-                         f"data.TASKS: {', '.join(data.TASKS)}) or a path to a .json/.jsonl file")
+                         f"tasks.TASKS: {', '.join(tasks.TASKS)}) or a path to a .json/.jsonl file")
     task, options = parsed
-    return data.TASKS[task]["make"](n or EVAL_N, EVAL_SEED if seed is None else seed, options, folder)
+    return tasks.TASKS[task]["make"](n or EVAL_N, EVAL_SEED if seed is None else seed, options, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

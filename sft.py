@@ -24,8 +24,10 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import tasks
 from cli import UsageError
-from data import offline_stream, seed_for
+from data import seed_for
+from tasks import offline_stream
 from model import append_responses, build_tiny, generate, load, masked_sum, policy_forward, to_device
 from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, wrap
 
@@ -59,7 +61,7 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
-    val = data.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, data.task_options(cfg["task"], cfg),
+    val = tasks.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, tasks.task_options(cfg["task"], cfg),
                                           os.path.join(cfg["out_dir"], "media")) if cfg["sft_stop"] else None
     raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
     if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
@@ -117,19 +119,19 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     return log
 
 
-# Every option that changes what SFT produces; with the task's own options (data.TASKS), the data file's
+# Every option that changes what SFT produces; with the task's own options (tasks.TASKS), the data file's
 # content and the code (code_hash), they name the warm start.
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
              "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
 STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
-# The code SFT's result depends on: the tasks and prompts (data.py), the model and its forward (model.py), SFT
-# itself (this file), autocast and the DDP/FSDP wrapper (scale.py). An edit to any of them, or another torch or
+# The code SFT's result depends on: the offline tasks (tasks.py), data sets, prompts and batches (data.py), the model
+# and its forward (model.py), SFT itself (this file), autocast and the DDP/FSDP wrapper (scale.py). An edit to any of them, or another torch or
 # transformers, names another warm start: a stale one is never reused. Whole files, not single functions: an
 # edit that cannot change SFT (a docstring, the JSONL loader) costs one SFT run, a missed dependency would cost
 # a silently wrong warm start.
-CODE_FILES = ("data.py", "model.py", "sft.py", "scale.py")
+CODE_FILES = ("tasks.py", "data.py", "model.py", "sft.py", "scale.py")
 
 
 def code_hash(files=CODE_FILES, root=os.path.dirname(os.path.abspath(__file__))):
@@ -154,8 +156,8 @@ def warm_recipe(cfg, reward_fn=data.reward):
     recipe["code_sha256"] = code_hash()
     if cfg["sft_stop"] and reward_fn is not data.reward:   # the stop scores its samples with it
         recipe["reward"] = reward_name(reward_fn)
-    recipe.update(data.task_options(cfg["task"], cfg))
-    if not data.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
+    recipe.update(tasks.task_options(cfg["task"], cfg))
+    if not tasks.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
         recipe["train_size"] = cfg["train_size"]
     if cfg["sft_file"]:
         with open(cfg["sft_file"], "rb") as f:

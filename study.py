@@ -12,7 +12,7 @@ Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zer
 <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
 4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD),
-tasks (RAL vs GRPO on every other task family of data.TASKS, at its default options). Every
+tasks (RAL vs GRPO on every other task family of tasks.TASKS, at its default options). Every
 arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by
 all arms of the same task; an arm whose results.json exists is never re-run, so an interrupted study resumes. The
 report is written from the runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png,
@@ -29,9 +29,9 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import data
 import eval as evaluation
 import ral
+import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 QUICK = ["--sft_steps=40", "--sft_val_every=20", "--sft_val_n=8", "--rl_steps=3", "--eval_n=16",
@@ -53,11 +53,11 @@ def arms(parts):
         for frames in (4, 8):
             out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}", "--train_size=2048",
                                                       "--sft_size=2048"])
-    if "tasks" in parts:    # every other family of the task registry (data.TASKS), at its default options
-        for task, t in data.TASKS.items():
+    if "tasks" in parts:    # every other family of the task registry (tasks.TASKS), at its default options
+        for task, t in tasks.TASKS.items():
             if task != "search":
                 finite = [] if t["stream"] else ["--train_size=2048", "--sft_size=2048"]
-                setting = data.suite_name(task, data.task_options(task, ral.DEFAULTS))
+                setting = tasks.suite_name(task, tasks.task_options(task, ral.DEFAULTS))
                 out += pair("tasks", setting, [f"--task={task}", *finite])
     if "lambda" in parts:
         drift = ["--mini_batches=4", "--epochs=2"]

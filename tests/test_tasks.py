@@ -1,39 +1,38 @@
-"""The task registry (data.TASKS): suite names round-trip, and a new offline task family is one entry, with nothing
+"""The task registry (tasks.TASKS): suite names round-trip, and a new offline task family is one entry, with nothing
 else to edit: the trainer, the SFT early stop, eval.py's suites and study.py's task part all find it there."""
 import json
-import os
 
 import pytest
 from PIL import Image, ImageDraw
 
-import data
 import eval as evaluation
 import ral
 import sft
 import study
+import tasks
 from test_ral import SMALL
 
 
 def test_suite_names_round_trip_through_the_registry():
-    for task in data.TASKS:
-        for name in data.TASKS[task]["suites"]:
-            parsed = data.parse_suite(name)
-            assert parsed and parsed[0] == task and data.suite_name(*parsed) == name
-    assert data.parse_suite("video-8x64") == ("video", dict(task_frames=8, task_tokens=64))
-    assert data.suite_name("video", dict(task_frames=8, task_tokens=16)) == "video-8"
+    for task in tasks.TASKS:
+        for name in tasks.TASKS[task]["suites"]:
+            parsed = tasks.parse_suite(name)
+            assert parsed and parsed[0] == task and tasks.suite_name(*parsed) == name
+    assert tasks.parse_suite("video-8x64") == ("video", dict(task_frames=8, task_tokens=64))
+    assert tasks.suite_name("video", dict(task_frames=8, task_tokens=16)) == "video-8"
     for bad in ("search-x", "nosuch-3", "video-", "search-16x2", "search"):
-        assert data.parse_suite(bad) is None, bad
+        assert tasks.parse_suite(bad) is None, bad
     with pytest.raises(ValueError, match="unknown suite"):
         evaluation.suite("nosuch-16")
 
 
 def count_task(n, seed, options, folder=None):
     """A family the project does not have: how many red squares (1 to 4) are in the image."""
-    side = int(options["task_tokens"] ** 0.5) * data.CELL
+    side = int(options["task_tokens"] ** 0.5) * tasks.CELL
     samples = []
     for i in range(n):
         k = (seed + i) % 4 + 1
-        img = Image.new("RGB", (side, side), data.BACKGROUND)
+        img = Image.new("RGB", (side, side), tasks.BACKGROUND)
         for j in range(k):
             ImageDraw.Draw(img).rectangle([4 + 26 * j, 4, 20 + 26 * j, 20], fill=(220, 30, 30))
         question = "How many red squares are there? Options: A. 1 B. 2 C. 3 D. 4"
@@ -44,7 +43,7 @@ def count_task(n, seed, options, folder=None):
 
 
 def test_a_new_task_family_is_one_registry_entry(tmp_path, monkeypatch):
-    monkeypatch.setitem(data.TASKS, "count", dict(make=count_task, options=(("task_tokens", None),), stream=True,
+    monkeypatch.setitem(tasks.TASKS, "count", dict(make=count_task, options=(("task_tokens", None),), stream=True,
                                                   suites=("count-16",), about="count the red squares"))
     drawn = []
     real = sft.sampled_accuracy
@@ -61,7 +60,7 @@ def test_a_new_task_family_is_one_registry_entry(tmp_path, monkeypatch):
     assert list(saved) == ["count-16 n=4"] and saved["count-16 n=4"]["n"] == 4  # the held-out suite, by name and n
     held_out = evaluation.suite("count-16", n=4)
     assert [s["id"] for s in held_out] == [f"count-{evaluation.EVAL_SEED}-{i}" for i in range(4)]
-    assert "count-16" in [name for t in data.TASKS.values() for name in t["suites"]]
+    assert "count-16" in [name for t in tasks.TASKS.values() for name in t["suites"]]
     assert ("tasks", "count-16", "ral") in [arm[:3] for arm in study.arms(["tasks"])]
     with pytest.raises(ral.UsageError, match="--task must be one of"):
         ral.configure(["--task=nosuch"])
