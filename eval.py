@@ -10,7 +10,8 @@ A run is ral.py's output folder (weights in <run>/ckpt), any save_pretrained fol
 cached in eval.json beside the weights, each under its suite and number of samples ("search-16 n=256"), so a
 result on other samples never replaces one; --compare evaluates only what a run's eval.json lacks.
 
-evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding)
+evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding,
+                                                grounding_answer_span, grounding_all_rows, grounding_chance)
 suite(name, n=None, seed=None)            -> an offline suite ("search-256", "video-8", "video-8x64") or a .jsonl
 attention_map(model, processor, sample, path) -> the answer's final-layer attention over the image, as a PNG
 
