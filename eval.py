@@ -297,7 +297,7 @@ def attention_figure(sample, runs, path, mode="think", max_new_tokens=64):
         ground = "–" if a["grounding"] is None else f"{a['grounding']:.2f}"
         said = data.extract_answer(a["text"])
         ax.set_title(f"{label}: answered {'nothing' if said is None else repr(said)}, gold {sample['answer']} "
-                     f"({'right' if a['correct'] else 'wrong'}), grounding {ground}", fontsize=9)
+                     f"({'right' if a['correct'] else 'wrong'})\ngrounding {ground}", fontsize=9)
         ax.set_xlabel(textwrap.fill(a["text"][:160] or "(empty response)", 48), fontsize=7)
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(sample["question"].split("\n")[0] + "   (cyan: the star's box)", fontsize=10)
