@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
@@ -366,11 +367,19 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
             assert got[key] == pytest.approx(alone[key], abs=1e-6), key
 
 
-def test_attention_figure_before_and_after(tmp_path):
-    """Two runs side by side on one sample: a PNG of the figure's size, with the star's box drawn in cyan."""
+def test_attention_figure_before_and_after(tmp_path, monkeypatch):
+    """Two runs side by side on one sample: a PNG of the figure's size, with the star's box drawn in cyan; each
+    title names the model's own answer and the gold one."""
     sample = ev.suite("search-64", n=1)[0]
     runs = [(name, *policy.build_tiny(seed=seed)) for name, seed in (("before RL", 0), ("after RL", 1))]
+    titles, set_title = [], matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, text, **kw: titles.append(text) or
+                        set_title(ax, text, **kw))
     path = ev.attention_figure(sample, runs, str(tmp_path / "fig.png"), max_new_tokens=6)
+    for (name, model, processor), title in zip(runs, titles):
+        said = ev.data.extract_answer(ev.answer_attention(model, processor, sample, max_new_tokens=6)["text"])
+        assert title.startswith(f"{name}: answered {'nothing' if said is None else repr(said)}, gold "
+                                f"{sample['answer']} (")
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert img.shape[:2] == (520, 840)
     cyan = (img[..., 0] < 60) & (img[..., 1] > 200) & (img[..., 2] > 200)
