@@ -26,13 +26,13 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import tasks
-from cli import UsageError, cli, parse
+from cli import UsageError, cli, import_function, parse
 from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
     set_attn_layer, take_rows, to_device, with_responses
-from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
-    shard, wrap
+from scale import compute, gathered, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, \
+    save_checkpoint, setup_distributed, shard, wrap
 from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +138,10 @@ OPTIONS = dict(   # name: (default, meaning)
                          "gradient probe'); 0: off"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(256, "held-out samples (0: no evaluation)"),
+    reward=("", "a reward of your own, 'module:function' (reward_fn(text, sample, mode) -> dict(reward, accuracy, "
+                "format)): RL, the SFT stop and the evaluations all score with it; '' = data.reward"),
+    eval_n=(evaluation.EVAL_N, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole "
+                               "file); eval.py's EVAL_N, so eval.py scores the same ones"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
@@ -151,8 +154,10 @@ OPTIONS = dict(   # name: (default, meaning)
     compute_dtype=("auto", "forward/backward compute: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bfloat16' (autocast"
                            " on CPU too), 'float32'; the attention policy is always float32"),
     grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
-    fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the vision tower, the root) under torchrun, for "
-                 "models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP (a full replica)"),
+    dist_timeout=(3600, "seconds a rank waits in a collective before the job fails (NCCL's default: 600); it must "
+                        "cover rank 0's longest lone work, gathering and writing a checkpoint (7B: ~94 GB)"),
+    fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the root; the frozen vision tower stays a replica) "
+                 "under torchrun, for models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP"),
     resume=(False, "continue exactly from out_dir/ckpt (a run killed before its first RL checkpoint starts RL over;"
                    " SFT continues from its own checkpoint in any case)"),
     wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
@@ -181,7 +186,8 @@ def check(cfg):
          f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
     need(1 <= cfg["mini_batches"] <= cfg["group_size"],
          f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
-    for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
+    for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every",
+                "dist_timeout"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
                 "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every"):
@@ -387,11 +393,16 @@ PER_PROBE = ("grad_tok", "grad_attn", "attn_share", "attn_cos")     # only on th
 
 def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     """Sum the rollout's and every optimizer step's sums over ranks, then divide: per response, per rollout token,
-    per update token, per group, per optimizer step. `per_token`: extra update-token means (distill.py's terms)."""
+    per update token, per group, per optimizer step. `per_token`: extra update-token means (distill.py's terms).
+    attn_jsd is the mean over all the rollout's optimizer steps; attn_jsd_step1, attn_jsd_step2, ... are each
+    step's own (step 1 runs at the rollout weights, where the JSD and its gradient are 0: METHOD.md, Eq. 3)."""
     sums = dict(rollout_stats)
-    for record in update_records:
+    for i, record in enumerate(update_records):
         for k, v in record.items():
             sums[k] = sums.get(k, 0.0) + v
+        if "attn_jsd" in record:   # the attention term per optimizer step of the rollout: the first is at the
+            sums[f"attn_jsd_step{i + 1}"] = record["attn_jsd"]               # rollout weights, where it is 0
+            sums[f"update_tokens_step{i + 1}"] = record["update_tokens"]
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     if world > 1:
@@ -401,6 +412,8 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     out["no_spread_groups"] = t["no_spread"] / t["groups"]
     out.update({k: t[k] / t["tokens"] for k in PER_ROLLOUT_TOKEN})
     out.update({k: t[k] / t["update_tokens"] for k in PER_UPDATE_TOKEN + tuple(per_token)})
+    out.update({f"attn_jsd_step{i}": t[f"attn_jsd_step{i}"] / t[f"update_tokens_step{i}"]
+                for i in range(1, len(update_records) + 1) if f"attn_jsd_step{i}" in t})
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
     if t.get("probes"):
         out.update({k: t[k] / t["probes"] for k in PER_PROBE})
@@ -437,8 +450,10 @@ def load_samples(cfg, rank=0, world=1):
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or tasks.suite_name(cfg["task"], tasks.task_options(cfg["task"], cfg))
-    held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
-                evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
+    if cfg["eval_file"]:      # a file given is always evaluated: its first eval_n samples, or all of it (eval_n=0)
+        held_out = read_samples(cfg["eval_file"])[:cfg["eval_n"] or None]
+    else:
+        held_out = evaluation.suite(name, n=cfg["eval_n"]) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 
@@ -447,7 +462,8 @@ def plan(cfg, suite):
     task is an easy mistake to make: the last line names it."""
     offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
     sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
-    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else \
+        f"{suite} (every sample)" if cfg["eval_file"] else "none (eval_n=0)"
     lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
              f"held out: {held_out}"]
     used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
@@ -465,16 +481,23 @@ def trainer_state(cfg, start, rank, world, device):
     on from. Returns (model, processor, ref_model, train_model, optimizer, step, results, resumed)."""
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
     resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
-    model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
+    # under FSDP both load on the CPU and reach the device shard by shard (scale.shard): no full copy per device
+    place = "cpu" if cfg["fsdp"] else device
+    ref_model = None
+    if cfg["beta"] > 0:   # the frozen reference, bf16 on GPU
+        ref_model = load(start, place, torch.bfloat16 if device.startswith("cuda") else torch.float32)[0]
+        ref_model.eval().requires_grad_(False)
+        if cfg["fsdp"]:
+            shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
+    model, processor = load(ckpt if resume else start, place, getattr(torch, cfg["dtype"]))
     try:
         set_attn_layer(model, cfg["attn_layer"])          # the policy's layer, before any capture
     except ValueError as e:
         raise UsageError(f"--attn_layer: {e}") from None
-    ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
-    if ref_model is not None and cfg["fsdp"]:
-        shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
+    if ref_model is not None:   # the same frozen tower (prepare): one replica per device, not two
+        model.model.visual = ref_model.model.visual
     if rank == 0:
-        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
+        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None, device=device))
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
     train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
@@ -482,7 +505,7 @@ def trainer_state(cfg, start, rank, world, device):
                                   weight_decay=cfg["weight_decay"])
     step, results = 0, {}
     if resume:   # optimizer, rng, step and results from the checkpoint
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
+        state = load_trainer_state(ckpt, rank, cfg["fsdp"])
         load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         step, results = state["step"], json.loads(state["results"])
@@ -539,11 +562,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     metrics_path, samples_path, run = open_logs(cfg, step, resumed, rank)
     prompts_of = step_prompts(cfg, train_samples, rank, world)
 
-    def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
-        if held_out:     # every rank in step, so under FSDP each rank runs them all
-            share = dict(rank=0, world=1) if cfg["fsdp"] else dict(rank=rank, world=world)
-            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn, **share)
+    def evaluate(tag):   # every rank scores its share of the held-out samples; under FSDP with the weights
+        if held_out:     # gathered once (scale.gathered), so the ranks' forwards need not stay in step
+            with gathered(model):
+                r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
+                                        reward_fn=reward_fn, rank=rank, world=world)
             results[tag] = r
             if rank == 0:
                 print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -557,10 +580,13 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
+            # a sharded policy is gathered once for it (not once per new token), so each rank decodes its own
+            # prompts alone; the sharded reference's forwards gather in each, as many on every rank
             model.eval()
-            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
-                                                               mode, step, rank * (cfg["prompts_per_step"] // world),
-                                                               device, reward_fn)
+            first_group = rank * (cfg["prompts_per_step"] // world)
+            with gathered(model):
+                micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
+                                                                   mode, step, first_group, device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state
@@ -614,12 +640,13 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
 
 def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
+    reward_fn = import_function(cfg["reward"]) if cfg["reward"] else reward_fn
     rank, world, device = setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
         print(plan(cfg, suite))
-    start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
+    start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world, reward_fn)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
                  rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"]), name,

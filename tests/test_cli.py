@@ -109,6 +109,26 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     assert os.path.dirname(base) == str(tmp_path)
 
 
+def test_warm_start_is_named_by_its_code(tmp_path):
+    """An edit to a file SFT depends on (sft.CODE_FILES) names another warm start; other files do not matter."""
+    for name in (*sft.CODE_FILES, "eval.py"):
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
+    before = sft.code_hash(root=str(tmp_path))
+    assert before == sft.code_hash(root=str(tmp_path)) and sft.code_hash() == sft.code_hash(root=ROOT)
+    (tmp_path / "eval.py").write_text("# edited\n")
+    assert sft.code_hash(root=str(tmp_path)) == before
+    for name in sft.CODE_FILES:
+        edited = tmp_path / name
+        kept = edited.read_text()
+        edited.write_text(kept + "\n# edited\n")
+        assert sft.code_hash(root=str(tmp_path)) != before, name
+        edited.write_text(kept)
+    cfg = ral.configure([f"--out_dir={tmp_path / 'run'}"])
+    recipe = sft.warm_recipe(cfg)
+    assert recipe["code_sha256"] == sft.code_hash()
+    assert sft.warm_path(cfg, dict(recipe, code_sha256=before[::-1])) != sft.warm_path(cfg, recipe)
+
+
 def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
     cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL])
     first = sft.warm_start(cfg, [], "think", "cpu", 0, 1)
@@ -158,3 +178,18 @@ def test_the_plan_names_the_stage_that_falls_back_to_the_offline_task(tmp_path):
     assert lines[-1].startswith("note: --train_file given but not --sft_file, --eval_file")
     assert "note" not in ral.plan(ral.configure([f"--train_file={rl}", "--sft_steps=0", "--eval_n=0"]), "x")
     assert "note" not in ral.plan(ral.configure([]), "search-16")              # all offline: nothing to say
+
+
+def test_the_7b_preset_evaluates_the_eval_file(tmp_path):
+    """config/qwen7b_8gpu.py sets eval_n = 0: with --eval_file that is the whole file (it was silently nothing),
+    --eval_n takes its first n; without a file, eval_n = 0 is no evaluation."""
+    from test_eval import write_benchmark
+    path = write_benchmark(tmp_path, n=5)
+    held_out = lambda *argv: ral.load_samples(ral.configure(["config/qwen7b_8gpu.py", f"--out_dir={tmp_path / 'run'}",
+                                                             *argv]))[2]
+    assert ral.configure(["config/qwen7b_8gpu.py"])["eval_n"] == 0
+    assert [s["id"] for s in held_out(f"--eval_file={path}")] == ["0", "1", "2", "3", "4"]
+    assert len(held_out(f"--eval_file={path}", "--eval_n=2")) == 2
+    assert held_out() == []
+    cfg = ral.configure(["config/qwen7b_8gpu.py", f"--eval_file={path}"])
+    assert ral.plan(cfg, path).splitlines()[2] == f"held out: {path} (every sample)"
