@@ -321,9 +321,9 @@ def smooth(y, width):
 
 def plot_curves(metrics_path, png_path, labels, results=None):
     """The trainer's metrics.jsonl as one picture: a panel per metric (labels: name -> what it is, the y axis; ral.
-    METRICS and any extra) that the log has, each curve smoothed over a tenth of the run, the raw one faint beneath;
-    on the accuracy panel, the held-out accuracy (greedy) before RL, at each evaluation and after (results: results
-    .json's dict; default: the results.json beside metrics.jsonl, if any)."""
+    METRICS and any extra) that the log has, each curve smoothed over a tenth of the run (3 steps at least), the raw
+    one faint beneath; on the accuracy panel, the held-out accuracy (greedy) before RL, at each evaluation and after
+    (results: results.json's dict; default: the results.json beside metrics.jsonl, if any). Returns the figure."""
     rows = [json.loads(line) for line in open(metrics_path)]
     results = read_json(os.path.join(os.path.dirname(metrics_path), "results.json")) if results is None else results
     keys = [k for k in labels if any(k in r for r in rows)]
@@ -334,7 +334,7 @@ def plot_curves(metrics_path, png_path, labels, results=None):
     for k, ax in zip(keys, axes):
         y = [r.get(k, float("nan")) for r in rows]
         ax.plot(steps, y, color="C0", alpha=0.25, linewidth=1)
-        ax.plot(steps, smooth(y, max(1, len(y) // 10)), color="C0", linewidth=2)
+        ax.plot(steps, smooth(y, max(3, len(y) // 10) if len(y) >= 6 else 1), color="C0", linewidth=2)
         ax.set_title(k, fontsize=10)
         ax.set_ylabel(labels[k] or k, fontsize=8)
         ax.set_xlabel("RL step")
@@ -351,6 +351,7 @@ def plot_curves(metrics_path, png_path, labels, results=None):
         ax.remove()
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------
