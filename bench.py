@@ -37,9 +37,9 @@ import time
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-import data
 import eval as evaluation
 import ral
+import tasks
 from model import build_tiny, policy_forward, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
@@ -165,7 +165,7 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     model, processor = build_tiny(**parse_size(size))
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     init = copy.deepcopy(model.state_dict())
-    prompts_list = data.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
+    prompts_list = tasks.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
     times = dict(grpo=[], ral=[])
     for rep in range(repeats + 1):
         for algo in (("grpo", "ral") if rep % 2 else ("ral", "grpo")):
@@ -205,7 +205,7 @@ def bench_rollout(size, prompts, group, new_tokens, repeats, tokens):
     calls = []
     for m in (model, ref):
         m.model.visual.register_forward_hook(lambda *args: calls.append(1))
-    prompts_list = data.search_task(prompts, seed=0, tokens=tokens)
+    prompts_list = tasks.search_task(prompts, seed=0, tokens=tokens)
     variants = dict(before=dict(generate_batch=group, vision_cache=False), after=dict(generate_batch=0, vision_cache=True))
     runs = {k: [] for k in variants}
     for rep in range(repeats + 1):

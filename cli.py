@@ -7,6 +7,7 @@ import ast
 import difflib
 import os
 import sys
+import types
 
 
 class UsageError(ValueError):
@@ -57,9 +58,11 @@ def parse(argv, options, doc):
         elif not os.path.isfile(arg):
             raise UsageError(f"config file not found: {arg}")
         else:
-            scope = {}
-            exec(open(arg).read(), {}, scope)
+            scope = {}     # a preset may import modules and find files beside itself (__file__)
+            exec(open(arg).read(), {"__file__": os.path.abspath(arg)}, scope)
             for key, value in scope.items():
+                if isinstance(value, types.ModuleType):
+                    continue
                 if key not in cfg:
                     raise UsageError(f"{arg}: {unknown(key, cfg)}")
                 cfg[key] = typed(key, value, cfg[key])

@@ -1,8 +1,7 @@
 """
-The inputs: offline tasks, real data sets, media decoding, prompts, batches and rewards.
+The inputs: real data sets, media decoding, prompts, batches, rewards, and the seeded orders every draw follows.
+(The offline tasks the project draws itself are in tasks.py.)
 
-search_task(n, ...)   visual search (V*-like): one star among many circles/squares, "what colour is the star?"
-video_task(n, ...)    video needle: the star is in exactly one of F frames, written to a real mp4 with PyAV
 load_dataset(path)    Video-R1 layout (JSON array or JSONL), the same samples for SFT, RL and evaluation
 prompt_messages / sft_target   the thinking ("think") and direct ("zero", RAL-zero) formats
 encode(samples, processor)     a left-padded prompt batch for the model, and its visual and target masks
@@ -13,179 +12,19 @@ A sample is a plain dict: id, question (with the lettered options), options, ans
 rationale (thinking text or None), source; samples from load_dataset also carry origin ("file:line"), which
 errors raised later (a frame that does not decode) name.
 """
-import functools
 import json
 import math
 import os
-import random
 import re
-import tempfile
 
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-PALETTE = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-           "yellow": (235, 215, 20), "purple": (140, 40, 180), "orange": (245, 130, 20)}
-DISTRACTORS = ["circle", "square", "triangle", "diamond"]
-LETTERS = "ABCD"
-OPTION_COLOURS = list(PALETTE)[:4]   # the options, in this order, of every offline question
-CELL = 28           # one merged visual token covers 28x28 pixels (14 px patches, 2x2 merge)
-STAR = 36           # target size in pixels: wider and taller than a token cell, so it always spans 2x2+ cells
-BACKGROUND = (255, 255, 255)
 PROBLEM_TYPES = {"multiple choice", "numerical", "OCR", "free-form", "regression"}
 SYSTEM = "You are a helpful assistant."
-
-# ----------------------------------------------------------------------------------------------------------------
-# Offline tasks: drawing
-
-
-def _draw(draw, shape, box, colour):
-    x0, y0, x1, y1 = box
-    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-    if shape == "star":      # five points, inner radius 0.45
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        draw.polygon(pts, fill=colour)
-    elif shape == "circle":
-        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=colour)
-    else:  # diamond
-        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=colour)
-
-
-def _overlap(a, b, margin=0):
-    return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
-
-
-def _place(rng, side, size, taken, avoid):
-    """A free box of the given size: away from everything if possible, never touching `avoid` (the target)."""
-    for tries in range(2000):
-        x, y = rng.randrange(side - size + 1), rng.randrange(side - size + 1)
-        box = (x, y, x + size, y + size)
-        if avoid is not None and _overlap(box, avoid, margin=2):
-            continue
-        if tries > 100 or not any(_overlap(box, t, margin=2) for t in taken):
-            return box
-    raise ValueError(f"cannot place a {size}px shape on a {side}px canvas; lower the clutter")
-
-
-def _scene(rng, side, clutter, target_colour, with_target=True):
-    """A white canvas with `clutter` distractors and (optionally) the star. Every option colour is used by some
-    distractor, so neither the question nor "which colours are in the picture" gives the answer away."""
-    img = Image.new("RGB", (side, side), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    box = None
-    if with_target:
-        x, y = rng.randrange(side - STAR + 1), rng.randrange(side - STAR + 1)
-        box = (x, y, x + STAR, y + STAR)
-    colours = OPTION_COLOURS + [rng.choice(list(PALETTE)) for _ in range(clutter)]
-    taken = []
-    for k in range(clutter):
-        size = rng.randrange(12, 23)
-        taken.append(_place(rng, side, size, taken, box))
-        _draw(draw, rng.choice(DISTRACTORS), taken[-1], PALETTE[colours[k]])
-    if box is not None:  # drawn through a mask, so the box is exactly the star's pixel extent
-        mask = Image.new("L", (side, side), 0)
-        _draw(ImageDraw.Draw(mask), "star", box, 255)
-        img.paste(PALETTE[target_colour], mask=mask)
-        box = mask.getbbox()
-    return img, box
-
-
-def _where(box, side):
-    """Coarse location words of a box on a side x side canvas (3 x 3 regions)."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    row = ["top", "middle", "bottom"][min(2, int(3 * cy / side))]
-    col = ["left", "center", "right"][min(2, int(3 * cx / side))]
-    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
-
-
-def _question(stem):
-    """A colour question with the 4 options in one fixed order (A. red, B. green, C. blue, D. yellow): the text is
-    the same for every sample, so only the image tells the answer, and a small model needs no option lookup."""
-    options = [f"{L}. {c}" for L, c in zip(LETTERS, OPTION_COLOURS)]
-    return stem + "\n" + "\n".join(options), options
-
-
-def _balanced_letters(rng, n):
-    """Answers balanced over A-D: a seeded shuffle of A,B,C,D repeated (counts differ by at most 1)."""
-    letters = [LETTERS[i % 4] for i in range(n)]
-    rng.shuffle(letters)
-    return letters
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Offline tasks: the two families
-
-
-def search_task(n, seed=0, tokens=64, clutter=None):
-    """Visual search: a (sqrt(tokens)*28)^2 canvas, so exactly `tokens` visual tokens per image, with clutter
-    distractors (default tokens // 4: clutter grows with the canvas) and one star whose colour is asked."""
-    side = math.isqrt(tokens) * CELL
-    if side * side != tokens * CELL * CELL:
-        raise ValueError(f"tokens must be a perfect square, got {tokens}")
-    clutter = tokens // 4 if clutter is None else clutter
-    rng = random.Random(f"search-{seed}-{tokens}-{clutter}")
-    samples = []
-    for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options = _question("What colour is the star?")
-        colour = OPTION_COLOURS[LETTERS.index(letter)]
-        img, box = _scene(rng, side, clutter, colour)
-        samples.append(dict(id=f"search-{tokens}-{seed}-{i}", question=question, options=options, answer=letter,
-                            problem_type="multiple choice", image=img, video=None,
-                            target=dict(box=box, frame=None),
-                            rationale=f"The star is in the {_where(box, side)} of the image. It is {colour}.",
-                            source="search"))
-    return samples
-
-
-def write_mp4(frames, path, fps=1):
-    """PIL frames -> an H.264 mp4 (mpeg4 if this ffmpeg has no libx264). Lossless (qp 0): x264's rate control
-    (crf) now and then encodes identical frames differently, and the task must be a function of its seed."""
-    with av.open(path, mode="w") as container:
-        try:
-            stream = container.add_stream("libx264", rate=fps, options={"qp": "0"})
-        except Exception:
-            stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
-        container.mux(stream.encode())  # flush
-
-
-def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=None):
-    """Video needle: `frames` cluttered frames at 1 fps, the star in exactly one of them. One mp4 per sample.
-    tokens_per_frame sets the frame size (sqrt*28 px square) and so the tokens of each 2-frame temporal group."""
-    side = math.isqrt(tokens_per_frame) * CELL
-    clutter = max(3, tokens_per_frame // 4) if clutter is None else clutter
-    folder = folder or tempfile.mkdtemp(prefix="ral-video-")
-    os.makedirs(folder, exist_ok=True)
-    rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}")
-    samples = []
-    for i, letter in enumerate(_balanced_letters(rng, n)):
-        question, options = _question("What colour is the star in the video?")
-        colour = OPTION_COLOURS[LETTERS.index(letter)]
-        needle = rng.randrange(frames)
-        scenes = [_scene(rng, side, clutter, colour, with_target=(f == needle)) for f in range(frames)]
-        path = os.path.join(folder, f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}-{i}.mp4")
-        if not os.path.exists(path):   # a function of the name: another rank (or run) may have written it already
-            write_mp4([img for img, _ in scenes], path + ".tmp.mp4")
-            os.replace(path + ".tmp.mp4", path)
-        box = scenes[needle][1]
-        samples.append(dict(id=f"video-{tokens_per_frame}-{seed}-{i}", question=question, options=options,
-                            answer=letter, problem_type="multiple choice", image=None, video=path,
-                            target=dict(box=box, frame=needle),
-                            rationale=(f"The star is in frame {needle + 1} of {frames}, in the {_where(box, side)}. "
-                                       f"It is {colour}."), source="video"))
-    return samples
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Seeds and orders: every draw a function of (seed, step, ...), the same for any number of ranks and after a resume
@@ -211,19 +50,6 @@ def seed_for(*parts):
         h = (h * 1_000_003 + int(part)) % (2 ** 62)
     return h
 
-
-STREAM_SEED, BLOCK = 1 << 20, 64   # stream seeds lie above eval's held-out seed and sft's validation seed
-
-
-def offline_stream(cfg, stage):
-    """The offline search task as an endless stream for one stage (0: SFT, 1: RL): item i lies in block i // 64,
-    drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a resume.
-    Returns take(start, count) -> samples."""
-    @functools.lru_cache(maxsize=4)
-    def block(b):
-        return search_task(BLOCK, seed=STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40,
-                                tokens=cfg["task_tokens"])
-    return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

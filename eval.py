@@ -35,20 +35,11 @@ from tqdm import tqdm
 
 import data
 import model as policy
+import tasks
 
 
 
-def suite_name(task, tokens, frames=None):
-    """The one spelling of an offline suite's name: search-<tokens>, video-<frames> (16 tokens per frame, data.py's
-    default) or video-<frames>x<tokens per frame>."""
-    if task == "search":
-        return f"search-{tokens}"
-    return f"video-{frames}" if tokens == 16 else f"video-{frames}x{tokens}"
-
-
-SEARCH_SUITES = [suite_name("search", t) for t in (16, 64, 256, 1024)]
-VIDEO_SUITES = [suite_name("video", 16, f) for f in (4, 8, 16)]
-SUITES = SEARCH_SUITES + VIDEO_SUITES
+SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
 EVAL_N = 128            # ral.py's eval_n, so a trainer-written eval.json and ours count the same samples
 Z95 = 1.959964          # two-sided 95% normal quantile
@@ -96,30 +87,24 @@ def suite_problem(name):
     """Why `name` is not a suite (None if it is): a .json/.jsonl file that is not there, or an unknown name."""
     if name.endswith((".json", ".jsonl")):
         return None if os.path.isfile(name) else f"--suite: no such file: {name}"
-    kind, _, size = name.partition("-")
-    frames, x, per_frame = size.partition("x")  # video-8x64: 8 frames of 64 tokens (default: data.py's 16)
-    if kind == "search" and size.isdigit() or kind == "video" and frames.isdigit() and (per_frame.isdigit() or not x):
-        return None
-    return (f"unknown suite {name!r}: use one of {', '.join(SUITES)} (video-<frames>x<tokens per frame> also works) "
-            f"or a path to a .json/.jsonl file")
+    if tasks.parse_suite(name) is None:
+        return (f"unknown suite {name!r}: use one of {', '.join(SUITES)} (or another size of a task in tasks.TASKS: "
+                f"{', '.join(tasks.TASKS)}) or a path to a .json/.jsonl file")
+    return None
 
 
-def suite(name, n=None, seed=None):
-    """An offline suite by name ("search-<visual tokens>", "video-<frames>"), drawn with the held-out eval seed,
-    or a Video-R1 style .json/.jsonl benchmark (its first n samples if n is given)."""
+def suite(name, n=None, seed=None, folder=None):
+    """An offline suite by name (tasks.suite_name: "search-<visual tokens>", "video-<frames>", any task of
+    tasks.TASKS), drawn with the held-out eval seed, or a Video-R1 style .json/.jsonl benchmark (its first n samples
+    if n is given). folder: where a suite's media files go (default: a temporary folder)."""
     problem = suite_problem(name)
     if problem:
         raise ValueError(problem)
     if name.endswith((".json", ".jsonl")):
         samples = data.load_dataset(name)
         return samples[:n] if n else samples
-    kind, _, size = name.partition("-")
-    frames, _, per_frame = size.partition("x")
-    n, seed = n or EVAL_N, EVAL_SEED if seed is None else seed
-    if kind == "search":
-        return data.search_task(n, seed=seed, tokens=int(size))
-    extra = dict(tokens_per_frame=int(per_frame)) if per_frame else {}
-    return data.video_task(n, seed=seed, frames=int(frames), **extra)
+    task, options = tasks.parse_suite(name)
+    return tasks.TASKS[task]["make"](n or EVAL_N, EVAL_SEED if seed is None else seed, options, folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import tasks
 from cli import UsageError, cli, parse
-from data import epoch_prompts, offline_stream, seed_for
+from data import epoch_prompts, seed_for
+from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
     take_rows, to_device, token_entropy, with_responses
 from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
@@ -118,7 +120,8 @@ OPTIONS = dict(   # name: (default, meaning)
     algo=("ral", "'ral' (Eq. 4) or 'grpo' (the same with lambda_attn = 0)"),
     zero=(True, "RAL-zero / GRPO-zero: no thinking block in SFT or RL, answer-only format reward (False: the "
                 "paper's <think> format; the tiny default answers directly, see README)"),
-    task=("search", "offline task when no data files are given: 'search' (one image) or 'video' (the needle)"),
+    task=("search", "offline task when no data files are given, one of tasks.TASKS: " + "; ".join(
+        f"'{name}' ({t['about']})" for name, t in tasks.TASKS.items())),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
     task_frames=(8, "frames per video (video task)"),
     train_size=(0, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
@@ -203,7 +206,7 @@ def check(cfg):
         if not ok:
             raise UsageError(message)
     need(cfg["algo"] in ("grpo", "ral"), f"--algo must be grpo or ral, got {cfg['algo']!r}")
-    need(cfg["task"] in ("search", "video"), f"--task must be search or video, got {cfg['task']!r}")
+    need(cfg["task"] in tasks.TASKS, f"--task must be one of {', '.join(tasks.TASKS)}, got {cfg['task']!r}")
     need(math.isqrt(cfg["task_tokens"]) ** 2 == cfg["task_tokens"] > 0,
          f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
     need(1 <= cfg["mini_batches"] <= cfg["group_size"],
@@ -235,8 +238,9 @@ def check(cfg):
          or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
-    need(cfg["task"] == "search" or (cfg["train_size"] and cfg["sft_size"]),
-         "--train_size=0 / --sft_size=0 (an endless stream) needs --task=search")
+    need(tasks.TASKS[cfg["task"]]["stream"] or (cfg["train_size"] or cfg["train_file"]) and
+         (cfg["sft_size"] or cfg["sft_file"] or not cfg["sft_steps"]),
+         f"--task={cfg['task']} has no endless stream (its media are files): give --train_size and --sft_size")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
     need(not cfg["sft_stop"] or not cfg["sft_file"], f"--sft_stop={cfg['sft_stop']} (the tiny recipe's early stop) "
@@ -436,42 +440,48 @@ def read_samples(path):
 
 def load_samples(cfg, rank=0, world=1):
     """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task; None for an endless
-    stream) and the held-out suite's name, under which its results are filed in eval.json. The offline video
-    task's files are written once, by rank 0, while the others wait; then every rank finds them."""
-    if cfg["task"] == "search":   # a size of 0 is the endless stream (None here); equal sizes are the same set
-        offline = lambda n: data.search_task(n, seed=cfg["seed"], tokens=cfg["task_tokens"]) if n else None
-        sft_set, rl_set = offline(cfg["sft_size"]), offline(cfg["train_size"])
-    else:
-        video = lambda: data.video_task(max(cfg["train_size"], cfg["sft_size"]), seed=cfg["seed"],
-                                        frames=cfg["task_frames"], folder=os.path.join(cfg["out_dir"], "videos"),
-                                        tokens_per_frame=cfg["task_tokens"])
-        offline = video() if rank == 0 else None
+    stream) and the held-out suite's name, under which its results are filed in eval.json."""
+    task = tasks.TASKS[cfg["task"]]
+    make = lambda n: task["make"](n, cfg["seed"], tasks.task_options(cfg["task"], cfg),
+                                  os.path.join(cfg["out_dir"], "media"))
+    if task["stream"]:   # a size of 0 is the endless stream (None here); equal sizes are the same set
+        sft_set, rl_set = (make(n) if n else None for n in (cfg["sft_size"], cfg["train_size"]))
+    else:                # one draw of files, written by rank 0 while the others wait; SFT and RL take slices
+        offline = make(max(cfg["train_size"], cfg["sft_size"])) if rank == 0 else None
         if world > 1:
             dist.barrier()
-        offline = offline or video()
-        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]   # slices of one draw
+        offline = offline or make(max(cfg["train_size"], cfg["sft_size"]))
+        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
-    name = cfg["eval_file"] or evaluation.suite_name(cfg["task"], cfg["task_tokens"], cfg["task_frames"])
+    name = cfg["eval_file"] or tasks.suite_name(cfg["task"], tasks.task_options(cfg["task"], cfg))
     held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
                 evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 
+def plan(cfg, suite):
+    """What each stage reads, one line each. A data file given for one stage while another falls back to the offline
+    task is an easy mistake to make: the last line names it."""
+    offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
+    sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
+             f"held out: {held_out}"]
+    used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
+    given = [k for k in used if cfg[k]]
+    missing = [k for k in used if used[k] and not cfg[k]]
+    if given and missing:
+        lines.append(f"note: --{', --'.join(given)} given but not --{', --'.join(missing)}: "
+                     f"{'that stage uses' if len(missing) == 1 else 'those stages use'} the offline task")
+    return "\n".join(lines)
 
-def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
-          reward_fn=data.reward):
-    """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
-    (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
-    if cfg["rl_epochs"] and train_samples is not None:   # passes over the prompts, as the paper's one epoch over 51.2k
-        cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
-    out, mode = cfg["out_dir"], "zero" if cfg["zero"] else "think"
-    ckpt, metrics_path, samples_path = (os.path.join(out, f) for f in ("ckpt", "metrics.jsonl", "samples.jsonl"))
-    if rank == 0:
-        evaluation.write_json(cfg, os.path.join(out, "run_config.json"))
-    t_start = time.time()
-    torch.manual_seed(cfg["seed"] + rank)
-    autocast = compute(cfg, device)
+
+def trainer_state(cfg, start, rank, world, device):
+    """What the loop starts from: the policy (the RL checkpoint's weights when resuming, else `start`'s), the frozen
+    reference for Eq. 1's KL, the wrapped model that trains (DDP or FSDP), AdamW, and the step and results to go
+    on from. Returns (model, processor, ref_model, train_model, optimizer, step, results, resumed)."""
+    ckpt = os.path.join(cfg["out_dir"], "ckpt")
     resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
     model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
     ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
@@ -485,14 +495,22 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg["weight_decay"])
     step, results = 0, {}
-    if resume:   # optimizer, rng, step and results from the checkpoint; logs cut back to its step
+    if resume:   # optimizer, rng, step and results from the checkpoint
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
         load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         step, results = state["step"], json.loads(state["results"])
+    return model, processor, ref_model, train_model, optimizer, step, results, bool(resume)
+
+
+def open_logs(cfg, step, resumed, rank):
+    """metrics.jsonl and samples.jsonl (cut back to the step a resume goes on from) and, if asked, a wandb run.
+    Returns (metrics_path, samples_path, run or None)."""
+    out = cfg["out_dir"]
+    paths = [os.path.join(out, f) for f in ("metrics.jsonl", "samples.jsonl")]
     if rank == 0:
-        for path in (metrics_path, samples_path):
-            rows = open(path).readlines() if resume and os.path.exists(path) else []
+        for path in paths:
+            rows = open(path).readlines() if resumed and os.path.exists(path) else []
             with open(path, "w") as f:
                 f.writelines(r for r in rows if json.loads(r)["step"] <= step)
     run = None
@@ -500,6 +518,39 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         import wandb    # optional: only when asked
         run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
                          resume="allow")
+    return *paths, run
+
+
+def step_prompts(cfg, train_samples, rank, world):
+    """prompts(step) -> this rank's prompts: every rank computes the same global prompts of the step (the offline
+    stream's, or the prompt file's seeded epochs) and takes its own share of whole groups."""
+    per_rank = cfg["prompts_per_step"] // world
+    if train_samples is None:
+        stream = offline_stream(cfg, 1)
+        return lambda step: stream(step * cfg["prompts_per_step"] + rank * per_rank, per_rank)
+
+    def prompts(step):
+        idx = epoch_prompts(len(train_samples), step, cfg["prompts_per_step"], cfg["seed"])
+        return [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
+    return prompts
+
+
+def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, extra_stats=(),
+          reward_fn=data.reward):
+    """RL from the folder `start`: rollouts, then mini_batches x epochs optimizer steps on loss_fn each step
+    (rl_loss's Eq. 4, or distill.py's Eq. 6), logs, evaluations and checkpoints in cfg['out_dir']."""
+    if cfg["rl_epochs"] and train_samples is not None:   # passes over the prompts, as the paper's one epoch over 51.2k
+        cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
+    out, mode, ckpt = cfg["out_dir"], "zero" if cfg["zero"] else "think", os.path.join(cfg["out_dir"], "ckpt")
+    if rank == 0:
+        evaluation.write_json(cfg, os.path.join(out, "run_config.json"))
+    t_start = time.time()
+    torch.manual_seed(cfg["seed"] + rank)
+    autocast = compute(cfg, device)
+    model, processor, ref_model, train_model, optimizer, step, results, resumed = trainer_state(cfg, start, rank,
+                                                                                                world, device)
+    metrics_path, samples_path, run = open_logs(cfg, step, resumed, rank)
+    prompts_of = step_prompts(cfg, train_samples, rank, world)
 
     def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
         if held_out:     # every rank in step, so under FSDP each rank runs them all
@@ -514,22 +565,15 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
 
     if "before_rl" not in results:
         evaluate("before_rl")
-    per_rank = cfg["prompts_per_step"] // world
-    stream = offline_stream(cfg, 1) if train_samples is None else None
     bar = tqdm(range(step, cfg["rl_steps"]), desc=name, disable=rank != 0, initial=step, total=cfg["rl_steps"])
     for step in bar:
-        # this rank's prompts: every rank computes the same global prompts and takes its own share of whole groups
-        if stream:
-            prompts = stream(step * cfg["prompts_per_step"] + rank * per_rank, per_rank)
-        else:
-            idx = epoch_prompts(len(train_samples), step, cfg["prompts_per_step"], cfg["seed"])
-            prompts = [train_samples[i] for i in idx[rank * per_rank:(rank + 1) * per_rank]]
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
             model.eval()
-            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts, cfg, mode,
-                                                               step, rank * per_rank, device, reward_fn)
+            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
+                                                               mode, step, rank * (cfg["prompts_per_step"] // world),
+                                                               device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state
@@ -586,6 +630,7 @@ def main(argv, reward_fn=data.reward):
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
+        print(plan(cfg, suite))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import tasks
 from cli import UsageError
-from data import offline_stream, seed_for
+from data import seed_for
+from tasks import offline_stream
 from model import append_responses, build_tiny, generate, load, masked_sum, policy_forward, to_device
 from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, wrap
 
@@ -57,7 +59,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
-    val = data.search_task(cfg["sft_val_n"], seed=VAL_SEED, tokens=cfg["task_tokens"]) if cfg["sft_stop"] else None
+    val = tasks.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, tasks.task_options(cfg["task"], cfg),
+                                          os.path.join(cfg["out_dir"], "media")) if cfg["sft_stop"] else None
     raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
     if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
         load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
@@ -113,16 +116,17 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     return log
 
 
-# Every option that changes what SFT produces; with the data file's content, they name the warm start.
-WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "task_tokens", "task_frames", "sft_size",
-             "sft_file", "sft_steps", "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
-             "compute_dtype")
+# Every option that changes what SFT produces; with the task's own options (tasks.TASKS) and the data file's
+# content, they name the warm start.
+WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
+             "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
 STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
 def warm_recipe(cfg):
     recipe = {k: cfg[k] for k in WARM_KEYS + (STOP_KEYS if cfg["sft_stop"] else ())}
-    if cfg["task"] == "video":      # its SFT set is a slice of one draw of max(sft_size, train_size) videos
+    recipe.update(tasks.task_options(cfg["task"], cfg))
+    if not tasks.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
         recipe["train_size"] = cfg["train_size"]
     if cfg["sft_file"]:
         with open(cfg["sft_file"], "rb") as f:
@@ -154,7 +158,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
             changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
             raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
         if rank == 0:
-            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={recipe[k]}' for k in WARM_KEYS)})")
+            print(f"reusing the warm start {path}: same recipe ({', '.join(f'{k}={v}' for k, v in recipe.items())})")
         return path
     partial, state = path + ".partial", None
     if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):

@@ -4,14 +4,15 @@ tasks, with seeds and intervals.
 
     python study.py --quick                      # every part at a toy budget, 2 seeds: a few minutes
     python study.py                              # the core comparison: RAL vs GRPO, 5 seeds (about an hour, 2 cores)
-    python study.py --parts core,think,sizes,lambda,distill     # the whole study (a few hours)
+    python study.py --parts core,think,sizes,lambda,distill,tasks   # the whole study (a few hours)
     python study.py --seeds 3 --rl_steps=40      # any other --key=value is passed to every arm
     torchrun --nproc_per_node=4 study.py --parts ...            # arms split over ranks (or machines)
 
 Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the paper's
 <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
-4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD). Every
+4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD),
+tasks (RAL vs GRPO on every other task family of tasks.TASKS, at its default options). Every
 arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by
 all arms of the same task; an arm whose results.json exists is never re-run, so an interrupted study resumes. The
 report is written from the runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png,
@@ -29,6 +30,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import eval as evaluation
+import ral
+import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 QUICK = ["--sft_steps=40", "--sft_val_every=20", "--sft_val_n=8", "--rl_steps=3", "--eval_n=16",
@@ -50,6 +53,12 @@ def arms(parts):
         for frames in (4, 8):
             out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}", "--train_size=2048",
                                                       "--sft_size=2048"])
+    if "tasks" in parts:    # every other family of the task registry (tasks.TASKS), at its default options
+        for task, t in tasks.TASKS.items():
+            if task != "search":
+                finite = [] if t["stream"] else ["--train_size=2048", "--sft_size=2048"]
+                setting = tasks.suite_name(task, tasks.task_options(task, ral.DEFAULTS))
+                out += pair("tasks", setting, [f"--task={task}", *finite])
     if "lambda" in parts:
         drift = ["--mini_batches=4", "--epochs=2"]
         out += [("lambda", "search-16 drift", "grpo", "ral.py", ["--algo=grpo", *drift])]
@@ -187,13 +196,13 @@ def plots(rows, out_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--parts", default=None, help="comma-separated: core, think, sizes, lambda, distill (default: "
+    ap.add_argument("--parts", default=None, help="comma-separated: core, think, sizes, lambda, distill, tasks (default: "
                                                   "core; with --quick: all)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
     ap.add_argument("--out_dir", default="out/study")
     args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
-    parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill"] if args.quick \
+    parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill", "tasks"] if args.quick \
         else ["core"]
     seeds = list(range(2 if args.quick and args.seeds == 5 else args.seeds))
     extra = (QUICK if args.quick else []) + passed

@@ -35,9 +35,9 @@ def mistakes(tmp):
         (f"--out_dir={a_file}/run",): "--out_dir: cannot write to",
         ("--mini_batches=9",): "--mini_batches must be between 1 and group_size=8",
         ("--init_from=./no/such/folder",): "--init_from: no such folder: ./no/such/folder",
-        ("--task=audio",): "--task must be search or video",
+        ("--task=audio",): "--task must be one of search, video",
         ("--train_size=0", "--rl_epochs=1"): "--rl_epochs needs a finite prompt set",
-        ("--task=video", "--sft_size=0"): "(an endless stream) needs --task=search",
+        ("--task=video", "--sft_size=0"): "--task=video has no endless stream (its media are files)",
         ("--rl_steps",): "--rl_steps needs a value",
     }
 
@@ -83,6 +83,8 @@ def test_config_file_then_overrides(tmp_path):
     preset.write_text("rl_steps = 7\nlr = 1\n")
     cfg = ral.configure([str(preset), "--rl_steps=9"])
     assert cfg["rl_steps"] == 9 and cfg["lr"] == 1.0 and isinstance(cfg["lr"], float)
+    preset.write_text("import os\nrl_steps = len(os.path.basename(__file__))\n")    # modules are not options
+    assert ral.configure([str(preset)])["rl_steps"] == len("preset.py")
     preset.write_text("rl_stepz = 7\n")
     with pytest.raises(ral.UsageError, match="did you mean --rl_steps"):
         ral.configure([str(preset)])
@@ -160,3 +162,23 @@ def test_a_missing_run_or_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
         ral.cli(ral.main, ["--init_from=nobody/no_such_model", *SMALL, "--out_dir=run"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "cannot load nobody/no_such_model" in err, err
+
+
+def test_the_3b_preset_reads_the_7b_one_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = ral.configure([os.path.join(ROOT, "config", "qwen3b_8gpu.py")])
+    seven = ral.configure([os.path.join(ROOT, "config", "qwen7b_8gpu.py")])
+    assert cfg["init_from"] == "Qwen/Qwen2.5-VL-3B-Instruct" and cfg["out_dir"] == "out/qwen3b-ral"
+    assert {k: v for k, v in cfg.items() if k not in ("init_from", "out_dir")} == \
+        {k: v for k, v in seven.items() if k not in ("init_from", "out_dir")}
+
+
+def test_the_plan_names_the_stage_that_falls_back_to_the_offline_task(tmp_path):
+    rl = tmp_path / "rl.jsonl"
+    rl.write_text("")
+    cfg = ral.configure([f"--train_file={rl}"])
+    lines = ral.plan(cfg, "search-16").splitlines()
+    assert lines[0] == "SFT:      the offline task 'search' (an endless stream)" and lines[1] == f"RL:       {rl}"
+    assert lines[-1].startswith("note: --train_file given but not --sft_file, --eval_file")
+    assert "note" not in ral.plan(ral.configure([f"--train_file={rl}", "--sft_steps=0", "--eval_n=0"]), "x")
+    assert "note" not in ral.plan(ral.configure([]), "search-16")              # all offline: nothing to say

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import data
+import tasks
 import model
 
 
@@ -28,7 +29,7 @@ def pixels(img):
 # Offline tasks
 
 def test_search_task_is_deterministic_from_the_seed():
-    a, b, c = data.search_task(6, seed=3), data.search_task(6, seed=3), data.search_task(6, seed=4)
+    a, b, c = tasks.search_task(6, seed=3), tasks.search_task(6, seed=3), tasks.search_task(6, seed=4)
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if k != "image"} == {k: v for k, v in y.items() if k != "image"}
         assert np.array_equal(pixels(x["image"]), pixels(y["image"]))
@@ -36,8 +37,8 @@ def test_search_task_is_deterministic_from_the_seed():
 
 
 def test_video_task_is_deterministic_from_the_seed(tmp_path):
-    a = data.video_task(2, seed=5, frames=4, folder=str(tmp_path / "a"))
-    b = data.video_task(2, seed=5, frames=4, folder=str(tmp_path / "b"))
+    a = tasks.video_task(2, seed=5, frames=4, folder=str(tmp_path / "a"))
+    b = tasks.video_task(2, seed=5, frames=4, folder=str(tmp_path / "b"))
     for x, y in zip(a, b):
         assert (x["question"], x["answer"], x["target"]) == (y["question"], y["answer"], y["target"])
         fx, fy = data.read_video(x["video"])[0], data.read_video(y["video"])[0]
@@ -45,31 +46,31 @@ def test_video_task_is_deterministic_from_the_seed(tmp_path):
 
 
 def test_answers_are_balanced():
-    for samples in (data.search_task(40, seed=1), data.video_task(8, seed=1, frames=2)):
+    for samples in (tasks.search_task(40, seed=1), tasks.video_task(8, seed=1, frames=2)):
         counts = Counter(s["answer"] for s in samples)
         assert set(counts) == set("ABCD") and max(counts.values()) - min(counts.values()) <= 1
 
 
 def test_question_text_does_not_give_the_answer():
-    samples = data.search_task(40, seed=2, tokens=64)
+    samples = tasks.search_task(40, seed=2, tokens=64)
     # the stem is the same for all; the options are 4 distinct palette colours, the answer one of them
     assert {s["question"].split("\n")[0] for s in samples} == {"What colour is the star?"}
     for s in samples:
         colours = [o.split(". ")[1] for o in s["options"]]
-        assert len(set(colours)) == 4 and set(colours) <= set(data.PALETTE)
+        assert len(set(colours)) == 4 and set(colours) <= set(tasks.PALETTE)
         # every option colour appears in the picture outside the star: only the star itself tells
         img = pixels(s["image"]).copy()
         x0, y0, x1, y1 = s["target"]["box"]
         img[y0:y1, x0:x1] = 255
         for c in colours:
-            assert (img == data.PALETTE[c]).all(-1).any(), (s["id"], c)
+            assert (img == tasks.PALETTE[c]).all(-1).any(), (s["id"], c)
     # the answer colour is not predictable from the options' positions
     answer_colours = Counter(s["options"]["ABCD".index(s["answer"])].split(". ")[1] for s in samples)
     assert len(answer_colours) >= 4
 
 
 def test_sft_targets_and_rationale_locate_the_target():
-    s = data.search_task(1, seed=0, tokens=64)[0]
+    s = tasks.search_task(1, seed=0, tokens=64)[0]
     colour = s["options"]["ABCD".index(s["answer"])].split(". ")[1]
     assert s["rationale"].startswith("The star is in the ") and s["rationale"].endswith(f"It is {colour}.")
     think, zero = data.sft_target(s, "think"), data.sft_target(s, "zero")
@@ -84,7 +85,7 @@ def test_sft_targets_and_rationale_locate_the_target():
 def test_target_tokens_agree_with_image_geometry(tiny, tokens):
     _, processor = tiny
     side = int(tokens ** 0.5) * 28
-    for s in data.search_task(3, seed=7, tokens=tokens):
+    for s in tasks.search_task(3, seed=7, tokens=tokens):
         assert s["image"].size == (side, side)
         batch, masks = data.encode([s], processor)
         assert batch["image_grid_thw"].tolist() == [[1, side // 14, side // 14]]   # not resized
@@ -92,7 +93,7 @@ def test_target_tokens_agree_with_image_geometry(tiny, tokens):
         mask = masks["target"][0, masks["visual"][0]].reshape(side // 28, side // 28)
         # independent: the cells holding the star's own pixels (its colour, inside its box)
         x0, y0, x1, y1 = s["target"]["box"]
-        colour = data.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]]
+        colour = tasks.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]]
         star = np.zeros((side, side), bool)
         star[y0:y1, x0:x1] = (pixels(s["image"])[y0:y1, x0:x1] == colour).all(-1)
         ys, xs = np.nonzero(star)
@@ -106,7 +107,7 @@ def test_target_tokens_agree_with_image_geometry(tiny, tokens):
 
 def test_resized_image_scales_the_target(tiny):
     _, processor = tiny
-    s = data.search_task(1, seed=0, tokens=256)[0]          # 448 px
+    s = tasks.search_task(1, seed=0, tokens=256)[0]          # 448 px
     batch, masks = data.encode([s], processor, image_pixels=224 * 224)
     assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]
     mask = masks["target"][0, masks["visual"][0]].reshape(8, 8)
@@ -120,12 +121,12 @@ def test_resized_image_scales_the_target(tiny):
 # Video
 
 def test_mp4_round_trip(tmp_path):
-    samples = data.video_task(4, seed=0, frames=5, folder=str(tmp_path))
+    samples = tasks.video_task(4, seed=0, frames=5, folder=str(tmp_path))
     for s in samples:
         frames, index, fps, size = data.read_video(s["video"], fps=1.0)
         assert index == [0, 1, 2, 3, 4, 4] and fps == 1.0 and size == (112, 112)  # padded to even
         assert all(f.size == (112, 112) for f in frames)
-        colour = np.array(data.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]])
+        colour = np.array(tasks.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]])
         x0, y0, x1, y1 = s["target"]["box"]
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
         for f, img in enumerate(frames[:5]):
@@ -156,8 +157,8 @@ def test_video_patches_match_the_image_processor(tiny):
 
 def test_video_batch_drives_the_tiny_model(tiny, tmp_path):
     net, processor = tiny
-    videos = data.video_task(2, seed=1, frames=6, folder=str(tmp_path))
-    images = data.search_task(1, seed=1, tokens=16)
+    videos = tasks.video_task(2, seed=1, frames=6, folder=str(tmp_path))
+    images = tasks.search_task(1, seed=1, tokens=16)
     text = dict(id="t", question="How many stars?", options=[], answer="1", problem_type="numerical", image=None,
                 video=None, target=None, rationale=None, source="test")
     samples = [videos[0], images[0], text, videos[1]]
@@ -180,7 +181,7 @@ def test_video_batch_drives_the_tiny_model(tiny, tmp_path):
 def test_video_target_follows_frame_sampling(tiny, tmp_path):
     _, processor = tiny
     seen = set()
-    for s in data.video_task(4, seed=3, frames=4, folder=str(tmp_path)):
+    for s in tasks.video_task(4, seed=3, frames=4, folder=str(tmp_path)):
         batch, masks = data.encode([s], processor, video_fps=0.5)   # keeps frames 0 and 2: one temporal group
         assert batch["video_grid_thw"].tolist() == [[1, 8, 8]] and batch["second_per_grid_ts"].tolist() == [4.0]
         seen.add(s["target"]["frame"] in (0, 2))
@@ -190,7 +191,7 @@ def test_video_target_follows_frame_sampling(tiny, tmp_path):
 
 def test_encode_repeats_each_prompt_g_times(tiny):
     _, processor = tiny
-    prompts = data.search_task(2, seed=0, tokens=16)
+    prompts = tasks.search_task(2, seed=0, tokens=16)
     batch, masks = data.encode([s for s in prompts for _ in range(3)], processor, mode="zero")
     assert batch["input_ids"].shape[0] == 6 and batch["pixel_values"].shape[0] == 6 * 64
     rows = batch["pixel_values"].reshape(6, 64, -1)
@@ -203,8 +204,8 @@ def test_encode_repeats_each_prompt_g_times(tiny):
 
 def make_dataset(folder, jsonl=True, records=None):
     os.makedirs(folder / "img", exist_ok=True)
-    data.search_task(1, tokens=16)[0]["image"].save(folder / "img" / "a.png")
-    video = data.video_task(1, frames=3, folder=str(folder / "vid"))[0]["video"]
+    tasks.search_task(1, tokens=16)[0]["image"].save(folder / "img" / "a.png")
+    video = tasks.video_task(1, frames=3, folder=str(folder / "vid"))[0]["video"]
     base = dict(problem_id=1, problem="What colour is the star?", data_type="image", problem_type="multiple choice",
                 options=["A. red", "B. blue", "C. green", "D. yellow"], solution="<answer>B</answer>",
                 path="./img/a.png", data_source="test", extra="ignored")
@@ -351,7 +352,7 @@ def test_reward_never_raises_and_is_bounded(text, sample, mode):
 
 
 def test_prompt_messages_modes():
-    s = data.search_task(1, tokens=16)[0]
+    s = tasks.search_task(1, tokens=16)[0]
     think, zero = data.prompt_messages(s, "think"), data.prompt_messages(s, "zero")
     assert [m["role"] for m in think] == ["system", "user"]
     assert think[1]["content"][0] == {"type": "image"} and think[1]["content"][1]["text"].startswith(s["question"])

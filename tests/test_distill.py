@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import data
 import distill
 import ral
+import tasks
 from helpers import spread_reward
 from model import Processor, build_tiny, build_tokenizer, load, policy_forward
 
@@ -30,7 +30,7 @@ def pair():
     teacher.eval().requires_grad_(False)
     cfg = dict(ral.DEFAULTS, algo="grpo", group_size=4, max_new_tokens=6, beta=0.0, mini_batches=2)
     torch.manual_seed(0)
-    micro_batches = ral.rollout(student, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
+    micro_batches = ral.rollout(student, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
                                 "cpu")[0]
     return student, teacher, processor, cfg, micro_batches
 
@@ -100,7 +100,7 @@ def test_gamma_zero_is_exactly_the_kd_baseline(pair):
     attention capture); gamma_attn > 0 changes it."""
     student, teacher, processor, cfg, _ = pair
     torch.manual_seed(0)
-    mbs = ral.rollout(student, None, processor, data.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
+    mbs = ral.rollout(student, None, processor, tasks.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
                          "cpu", spread_reward)[0]
     assert any(pc["adv"].abs().sum() > 0 for pc in mbs)
     mu = 0.7

@@ -159,7 +159,7 @@ def test_reads_the_trainers_run_folder(tmp_path):
     ev.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
     (run / "ckpt").mkdir()
     (run / "ckpt" / "config.json").write_text("{}")
-    ev.save_eval(str(run / "ckpt"), "zero", {ev.suite_name("search", 256): fake_result(0.5, n=128)})
+    ev.save_eval(str(run / "ckpt"), "zero", {ev.tasks.suite_name("search", dict(task_tokens=256)): fake_result(0.5, n=128)})
     assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
     saved = ev.saved_results(str(run))
     assert saved["suites"]["search-256"]["n"] == 128
@@ -203,7 +203,7 @@ def test_oracle_is_perfect_and_constant_is_chance(name, mode):
 def test_suites_are_held_out_and_deterministic():
     a, b = ev.suite("search-64", n=8), ev.suite("search-64", n=8)
     assert [s["answer"] for s in a] == [s["answer"] for s in b] and len(ev.suite("search-16")) == ev.EVAL_N
-    train = {s["id"] for s in ev.data.search_task(8, seed=0, tokens=64)}
+    train = {s["id"] for s in ev.tasks.search_task(8, seed=0, tokens=64)}
     assert not train & {s["id"] for s in a}
 
 

@@ -162,7 +162,8 @@ for n in g0:   # both ranks ran the same batch, so FSDP's rank average is the sa
 # generation, as in a rollout (one prompt G times): on rank 0 the first greedy token is made the end token, so
 # it is done after one step while rank 1 runs all 8; without synced_gpus the ranks' all-gathers fall out of step
 import data
-prompt, _ = data.encode(data.search_task(1, seed=3, tokens=16) * 2, processor)
+import tasks
+prompt, _ = data.encode(tasks.search_task(1, seed=3, tokens=16) * 2, processor)
 proc = copy.deepcopy(processor)
 first, _ = M.generate(plain, proc, prompt, 1, greedy=True)
 if rank == 0:

@@ -20,6 +20,7 @@ import torch
 import data
 import ral
 import sft
+import tasks
 from model import build_tiny, generate, to_device
 
 STEPS, PROMPTS, G = 8, 4, 8
@@ -39,7 +40,7 @@ def share_of(model, processor, letter, n_prompts=8, seed=123):
     """The share of sampled (temperature 1) answers that are `letter`, over fixed prompts and a fixed seed."""
     model.eval()
     torch.manual_seed(seed)
-    prompts = data.search_task(n_prompts, seed=seed, tokens=16)
+    prompts = tasks.search_task(n_prompts, seed=seed, tokens=16)
     batch = to_device(data.encode([p for p in prompts for _ in range(G)], processor, "zero")[0], "cpu")
     texts = processor.tokenizer.batch_decode(generate(model, processor, batch, CFG["max_new_tokens"])[0],
                                              skip_special_tokens=True)
@@ -51,7 +52,7 @@ def warm():
     """A warm start that writes the zero format with every letter about equally often (no perception yet)."""
     torch.manual_seed(0)
     model, processor = build_tiny(seed=0)
-    sft.sft(model, processor, data.search_task(256, seed=1, tokens=16), CFG, "zero", "cpu")
+    sft.sft(model, processor, tasks.search_task(256, seed=1, tokens=16), CFG, "zero", "cpu")
     return model, processor
 
 
@@ -62,7 +63,7 @@ def grpo(warm, reward_fn, advantage_sign=1.0):
     loss_fn = ral.rl_loss(CFG["clip_eps"], CFG["beta"], 0.0)                  # GRPO
     rewards = []
     for step in range(STEPS):
-        prompts = data.search_task(PROMPTS, seed=50_000 + step, tokens=16)     # fresh prompts every step
+        prompts = tasks.search_task(PROMPTS, seed=50_000 + step, tokens=16)     # fresh prompts every step
         model.eval()
         micro_batches, stats = ral.rollout(model, ref, processor, prompts, CFG, "zero", step, 0, "cpu", reward_fn)[:2]
         for mb in micro_batches:

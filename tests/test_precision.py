@@ -8,6 +8,7 @@ import data
 import model as policy
 import ral
 import scale
+import tasks
 from helpers import spread_reward
 from model import build_tiny
 
@@ -21,7 +22,7 @@ def moved_share(weights_dtype, steps=2, lr=1e-5):
     autocast = scale.compute(cfg, "cpu")
     torch.manual_seed(0)
     with autocast:
-        micro_batches = ral.rollout(model, None, processor, data.search_task(2, seed=0, tokens=16), cfg, "think",
+        micro_batches = ral.rollout(model, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think",
                                     0, 0, "cpu", spread_reward)[0]
     trainable = [w for w in model.parameters() if w.requires_grad]
     before = [w.detach().clone() for w in trainable]
@@ -54,7 +55,7 @@ def test_attention_policy_is_float32_under_bf16_autocast(monkeypatch):
         return original(query, key, attention_mask, rows, scaling)
 
     monkeypatch.setattr(policy, "attention_policy", recording)
-    batch, _ = data.encode(data.search_task(1, seed=0, tokens=16), processor)
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16), processor)
     full, _ = policy.append_responses(batch, [[30, 40, 50, 60]], processor.tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         _, p = policy.policy_forward(model, full, 4)
@@ -82,7 +83,7 @@ def test_a_float64_model_keeps_its_attention_policy_and_log_probs_in_float64():
         seen.update(query=query.detach(), key=key.detach(), scaling=scaling)
         return original(query, key, attention_mask, rows, scaling)
 
-    batch, _ = data.encode(data.search_task(1, seed=0, tokens=16), processor)
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16), processor)
     batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
     full, _ = policy.append_responses(batch, [[30, 40, 50, 60]], processor.tokenizer.pad_token_id)
     policy.attention_policy = recording

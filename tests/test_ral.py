@@ -14,6 +14,7 @@ import eval as evaluation
 import ral
 import scale
 import sft
+import tasks
 from helpers import spread_reward
 from model import build_tiny, load
 
@@ -46,7 +47,7 @@ def test_end_to_end_run(tmp_path):
 
 def make_rollout(model, cfg, seed=0):
     torch.manual_seed(seed)
-    prompts = data.search_task(2, seed=seed, tokens=16)
+    prompts = tasks.search_task(2, seed=seed, tokens=16)
     return ral.rollout(model, None, build_tiny()[1], prompts, cfg, "think", 0, 0, "cpu", spread_reward)[0]
 
 
@@ -188,6 +189,7 @@ WRAPPER = """
 import os, sys, torch
 sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 import ral
+import tasks
 from helpers import spread_reward
 update = ral.update
 def checked_update(model, *args, **kwargs):
@@ -229,9 +231,9 @@ def test_torchrun_two_ranks_match_one(tmp_path):
 def test_data_set_files_replace_the_offline_tasks(tmp_path):
     """SFT on a file with rationales, RL on a file of prompts, evaluation on a held-out file (Video-R1 layout),
     mixing images and a video."""
-    for i, s in enumerate(data.search_task(4, seed=5, tokens=16)):
+    for i, s in enumerate(tasks.search_task(4, seed=5, tokens=16)):
         s["image"].save(tmp_path / f"{i}.png")
-    video = data.video_task(1, frames=2, folder=str(tmp_path))[0]["video"]
+    video = tasks.video_task(1, frames=2, folder=str(tmp_path))[0]["video"]
     record = dict(problem="What colour is the star?", data_type="image", problem_type="multiple choice",
                   options=["A. red", "B. green", "C. blue", "D. yellow"], solution="<answer>B</answer>",
                   data_source="test", process="<think>The star is green.</think>")
@@ -268,12 +270,12 @@ def test_the_endless_stream_never_repeats_and_ignores_ranks():
     """Item i of a stage's stream is the same however it is taken (whole, or in rank shares, or after a resume);
     no prompt repeats, SFT's and RL's streams differ, and none is a held-out sample."""
     cfg = dict(ral.DEFAULTS, task_tokens=16, seed=3)
-    rl = data.offline_stream(cfg, 1)
+    rl = tasks.offline_stream(cfg, 1)
     whole = [s["id"] for s in rl(0, 150)]
-    shares = [s["id"] for start in range(0, 150, 5) for s in data.offline_stream(cfg, 1)(start, 5)]
+    shares = [s["id"] for start in range(0, 150, 5) for s in tasks.offline_stream(cfg, 1)(start, 5)]
     assert whole == shares and len(set(whole)) == 150
     assert [s["answer"] for s in rl(0, 64)].count("C") == 16                 # each block of 64 is balanced
-    sft_ids = {s["id"] for s in data.offline_stream(cfg, 0)(0, 150)}
+    sft_ids = {s["id"] for s in tasks.offline_stream(cfg, 0)(0, 150)}
     held_out = {s["id"] for s in evaluation.suite("search-16", n=256)}
     assert not sft_ids & set(whole) and not held_out & (sft_ids | set(whole))
     images = {s["image"].tobytes() for s in rl(0, 150)}
@@ -285,7 +287,7 @@ def test_an_endless_run_draws_fresh_prompts(tmp_path):
     ral.main([f"--out_dir={out}", "--rl_steps=2", "--log_samples=1", *SMALL, "--train_size=0"],
              reward_fn=spread_reward)
     asked = [json.loads(line)["id"] for line in open(out / "samples.jsonl")]
-    stream = data.offline_stream(ral.configure([*SMALL]), 1)
+    stream = tasks.offline_stream(ral.configure([*SMALL]), 1)
     assert asked == [stream(0, 1)[0]["id"], stream(2, 1)[0]["id"]]      # step s starts at s * prompts_per_step
 
 
@@ -315,7 +317,7 @@ def test_sampled_accuracy_at_a_tiny_temperature_is_the_greedy_accuracy():
     accuracy is eval.py's greedy one, computed independently."""
     model, processor = build_tiny(layers=2, hidden=64, seed=1)
     model.eval()
-    samples = data.search_task(24, seed=5, tokens=16)
+    samples = tasks.search_task(24, seed=5, tokens=16)
     cfg = dict(ral.DEFAULTS, temperature=1e-6, max_new_tokens=8)
     texts = [t for i in range(0, 24, 8) for t in evaluation.respond(model, processor, samples[i:i + 8], "zero", 8,
                                                                     attention=False)["texts"]]
@@ -329,7 +331,7 @@ def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
     """SFT's loss is the token mean over the global batch: micro-batches of 3 sequences give the same gradient as one
     batch (SGD in place of AdamW, so the gradient's scale shows, not only its direction)."""
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
-    samples = data.search_task(8, seed=0, tokens=16)
+    samples = tasks.search_task(8, seed=0, tokens=16)
     finals = []
     for micro_batch in (0, 3):
         model, processor = build_tiny(layers=1, hidden=64, seed=0)

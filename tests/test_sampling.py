@@ -7,6 +7,7 @@ import torch
 import data
 import model as policy
 import ral
+import tasks
 from helpers import spread_reward
 
 
@@ -30,7 +31,7 @@ def test_rollouts_sample_softmax_logits_over_t(instruct_like, temperature, monke
     draw = policy.GumbelSampler.__call__
     monkeypatch.setattr(policy.GumbelSampler, "__call__",
                         lambda self, ids, scores: seen.append(scores.float() / self.temperature) or draw(self, ids, scores))
-    batch, _ = data.encode(data.search_task(1, seed=0, tokens=16) * 6, processor)
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16) * 6, processor)
     response, mask = policy.generate(model, processor, batch, 8, temperature, seeds=range(6))
     sampled = torch.gather(torch.stack(seen[:response.shape[1]], 1).log_softmax(-1), 2, response[..., None])[..., 0]
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_gumbel_sampler_draws_from_the_softmax():
 
 def test_batched_rollouts_equal_one_prompt_at_a_time():
     model, processor = policy.build_tiny(seed=1)
-    prompts = data.search_task(3, seed=4, tokens=16)
+    prompts = tasks.search_task(3, seed=4, tokens=16)
     out = {}
     for per_call in (0, 4):         # all 3 groups in one generate call, or one group per call
         cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=8, generate_batch=per_call)
@@ -74,8 +75,8 @@ def test_vision_cache_is_exact(kind, tmp_path):
     """Visual embeddings computed once (mm_encoder_outputs) give the uncached forward's log-probs and attention
     policy to 1e-6, and the same generation."""
     model, processor = policy.build_tiny(seed=2)
-    sample = data.search_task(1, seed=0, tokens=16)[0] if kind == "image" else \
-        data.video_task(1, frames=4, folder=str(tmp_path))[0]
+    sample = tasks.search_task(1, seed=0, tokens=16)[0] if kind == "image" else \
+        tasks.video_task(1, frames=4, folder=str(tmp_path))[0]
     batch, _ = data.encode([sample] * 3, processor)
     cached = policy.encode_visuals_once(model, batch)
     assert "pixel_values" not in cached and "pixel_values_videos" not in cached
@@ -95,7 +96,7 @@ def test_the_tower_runs_once_per_prompt_per_step():
     cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2, micro_batch=1)
     ref = policy.build_tiny(seed=1)[0].eval()
     ref_calls = count_tower_calls(ref)
-    micro_batches = ral.rollout(model, ref, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
+    micro_batches = ral.rollout(model, ref, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
                                 "cpu", spread_reward)[0]
     model.train()
     opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.1)
@@ -111,7 +112,7 @@ def test_generation_sets_only_what_applies_and_takes_nothing_from_the_checkpoint
     warnings = []
     monkeypatch.setattr(configuration_utils.logger, "warning_once", lambda message, *a, **k: warnings.append(message))
     model, processor = instruct_like
-    batch, _ = data.encode(data.search_task(1, seed=0, tokens=16) * 2, processor)
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16) * 2, processor)
     for m in (model, policy.build_tiny(seed=3)[0]):
         policy.generate(m, processor, batch, 4, seeds=[0, 1])
         policy.generate(m, processor, batch, 4, greedy=True)

@@ -10,6 +10,7 @@ import torch
 import data
 import model as policy
 import ral
+import tasks
 from helpers import spread_reward
 from model import build_tiny, masked_sum
 
@@ -116,7 +117,7 @@ def rollout_of():
         cfg = dict(ral.DEFAULTS, **dict(dict(group_size=4, max_new_tokens=6, beta=0.04), **options))
         torch.manual_seed(0)
         ref = copy.deepcopy(model).eval()
-        return ral.rollout(model, ref, processor, data.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0, "cpu",
+        return ral.rollout(model, ref, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0, "cpu",
                            reward_fn)
     return model, processor, make
 
