@@ -275,3 +275,27 @@ def test_default_update_is_bit_identical_to_before(rollout_of):
     assert len(normalizers) == len(micro_batches)
     for k, norm in normalizers:
         assert norm == sum(mb["mask"].sum().item() for mb in micro_batches if mb["mini_batch"] == k)
+
+
+@pytest.mark.parametrize("variant", [["--loss_agg=sequence", "--mask_truncated=True"], ["--loss_agg=constant"]])
+def test_the_variants_run_through_the_trainer(tmp_path, variant):
+    """ral.py with the variants on. The random tiny model never ends a response within 6 tokens, so with
+    --mask_truncated every response leaves the loss: the step logs finite numbers, a zero loss, every response
+    truncated, and the weights stay those of the warm start (AdamW's first step on zero gradients moves nothing);
+    without it, the same responses train the model."""
+    import json
+    import os
+    from test_ral import SMALL, params_of
+    out = str(tmp_path / "ral")
+    ral.main([f"--out_dir={out}", "--rl_steps=1", *SMALL, "--scale_rewards=none", "--clip_eps_high=0.28", *variant],
+             reward_fn=spread_reward)
+    row, = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(math.isfinite(v) for v in row.values())
+    assert row["truncated"] == 1.0 and row["reward"] > 0
+    warm, = tmp_path.glob("warm-*")
+    start, end = params_of(str(warm)), params_of(os.path.join(out, "ckpt"))
+    unchanged = all(torch.equal(start[k], end[k]) for k in start)
+    if "--mask_truncated=True" in variant:
+        assert row["loss"] == row["entropy"] == 0.0 and unchanged      # no update token: the means are 0
+    else:
+        assert row["loss"] != 0.0 and row["entropy"] > 0 and not unchanged
