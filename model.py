@@ -65,8 +65,10 @@ def check_source(name_or_path):
     if os.path.isdir(name_or_path):
         ok = os.path.isfile(os.path.join(name_or_path, "config.json"))
         return None if ok else f"{name_or_path} is a folder without config.json (not a save_pretrained checkpoint)"
+    if os.path.exists(name_or_path):
+        return f"{name_or_path} is a file, not a checkpoint folder"
     parent = os.path.dirname(name_or_path)
-    if os.path.exists(name_or_path) or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
         return f"no such folder: {name_or_path}"
     if os.path.isdir(parent):
         return f"no such folder: {name_or_path} (the folder {parent}/ exists here, so it is not taken for a hub id)"
@@ -196,9 +198,10 @@ def attention_policy(query, key, attention_mask, rows, scaling):
     if attention_mask is not None:
         m = attention_mask[:, 0, T - rows:]
         allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
-    with torch.autocast(query.device.type, enabled=False):   # p is float32 even under bf16 autocast (float64
-        q, k = (at_least_float32(x) for x in (query[:, :, T - rows:], key))                 # for a float64 model)
-        alpha = HeadMeanSoftmax.apply(q, k, allowed, scaling)                                 # head mean
+    # p in float32 even under bf16 autocast (in float64 for a float64 model)
+    with torch.autocast(query.device.type, enabled=False):
+        q, k = (at_least_float32(x) for x in (query[:, :, T - rows:], key))
+        alpha = HeadMeanSoftmax.apply(q, k, allowed, scaling)                   # head mean
     alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=query.device), 0.0)  # drop the weight on itself
     return alpha / alpha.sum(-1, keepdim=True)                                  # renormalize over keys < t
 

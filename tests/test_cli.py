@@ -150,6 +150,8 @@ def test_a_missing_run_or_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
     assert model.check_source("out/no_such_run").startswith("no such folder: out/no_such_run")
     assert model.check_source("Qwen/Qwen2.5-VL-7B-Instruct") is None          # no Qwen/ folder here: a hub id
     assert model.check_source("a/b/c") == "no such folder: a/b/c"
+    (tmp_path / "out" / "notes.txt").write_text("x")
+    assert model.check_source("out/notes.txt") == "out/notes.txt is a file, not a checkpoint folder"
     offline = dict(os.environ, HF_HUB_OFFLINE="1")
     for argv, words in ((["--ckpt", "out/no_such_run", "--suite", "search-16"], "--ckpt: no such folder: out/no_such_run"),
                         (["--ckpt", "nobody/no_such_model"], "cannot load nobody/no_such_model"),
