@@ -5,7 +5,9 @@ the tables report medians and paired ratios (CPU timings on a shared machine are
     python bench.py                                   # both benchmarks at the default sizes
     python bench.py --what capture --seq 256,1024 --repeats 5 --sizes 4x128x4,8x512x8
     python bench.py --what step --step-size 8x512x8
-    python bench.py --what memory                     # training state per GPU: Qwen2.5-VL 3B/7B/32B, DDP vs FSDP
+    python bench.py --what memory                     # per GPU: training state (3B/7B/32B), the presets' whole step
+    python bench.py --what layer                      # the capture vs the paper's last layer in eager, 7B shape
+    python bench.py --what gpu                        # checks a CUDA GPU (under 8 minutes); one line without one
 
 capture: forward + backward of one batch of random text (B x T, the last R rows are "the response") under
     sdpa     plain SDPA, loss on the response log-probs (what GRPO needs)
@@ -17,8 +19,15 @@ capture: forward + backward of one batch of random text (B x T, the last R rows 
 step: one GRPO step against one RAL step (ral.rollout + ral.update) on the offline search task, per phase.
 rollout: one RAL step before (a generate call per prompt, the vision tower in every forward) and after (one
     batched generate per step, the tower once per prompt): rollout time, tokens/s, tower calls, step time.
+layer: one attention layer at the 7B final layer's shape fed the same q, k, v: plain SDPA, our capture (and, as
+    before, with the key heads repeated), and the paper's way (the last layer in eager, its T x T weights kept):
+    bytes saved for backward, time, and on CUDA the peak memory.
 memory: per-GPU bytes of the training state (fp32 master weights, gradients, AdamW, bf16 reference) of the real
-    Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs.
+    Qwen2.5-VL configs built on the meta device (no weights, no download), in DDP and in FSDP over --gpus GPUs;
+    then a step of each preset (config/qwen3b_8gpu.py, qwen7b) at its longest input, whole: activations
+    (activation_memory, counted from the code and tested against a measured step), FSDP's units in flight, the
+    rollout's gathered bf16 copy, KV cache and prefill, and the per-GPU peak against 80 GB.
+gpu: the checks that need a CUDA GPU, each a row of one markdown table (gpu_check.md); see gpu_check.
 Results go to a markdown table on stdout and to bench.json.
 
 Threads: the default is one torch thread. On a machine shared with other jobs, torch's default (one thread per
@@ -27,20 +36,29 @@ On a quiet machine, --threads 0 measures what a run with all cores gets.
 """
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
+import cli
+import data
 import eval as evaluation
 import ral
 import tasks
-from model import build_tiny, policy_forward, training_memory
+from model import attention_policy, build_tiny, capturing, policy_forward, prepare, ral_sdpa, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
@@ -86,19 +104,51 @@ def timed_step(model, batch, rows, variant):
 def saved_bytes(model, batch, rows, variant):
     """Bytes autograd keeps for backward: every saved tensor's storage once, the parameters not counted."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    n = saved_bytes_of(lambda: variant_loss(model, batch, rows, variant), params)
+    model.zero_grad(set_to_none=True)
+    return n
+
+
+def saved_bytes_of(loss_fn, exclude=()):
+    """Bytes of the tensors autograd saves for backward while loss_fn() runs (each storage once, those whose
+    data_ptr is in `exclude` not counted); then runs the backward."""
     storages = {}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in params:
+        if s.data_ptr() not in exclude:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = variant_loss(model, batch, rows, variant)
+        loss = loss_fn()
     loss.backward()
-    model.zero_grad(set_to_none=True)
     return sum(storages.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside the block, the bytes of every storage an operation made that is still alive (live()), and their peak
+    after any operation (peak): what a forward keeps for backward, whoever keeps it (autograd, a checkpoint, a
+    Python reference), and the working set, on any device. Storages made before the block (weights, inputs) are
+    not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:   # views are not new
+                s = t.untyped_storage()
+                self.storages[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+        self.peak = max(self.peak, self.live())
+        return out
+
+    def live(self):
+        self.storages = {k: v for k, v in self.storages.items() if not v[0].expired()}
+        return sum(n for _, n in self.storages.values())
 
 
 def peak_rss_growth(size, seq, batch, rows, variant):
@@ -155,6 +205,85 @@ def bench_capture(sizes, seqs, batch, rows, repeats, rss):
     if rss:   # after all timing, one process at a time, so the subprocesses never run beside a timed step
         for r in results:
             r["rss_growth_bytes"] = peak_rss_growth(r["size"], r["T"], r["B"], r["R"], r["variant"])
+    return results
+
+
+# The paper takes the attention by running the last layer alone in eager attention (docs/METHOD.md): every head's
+# B x H x T x T weights are then saved for backward. Ours runs SDPA and keeps q and the key heads (policy_forward).
+# One attention layer at the 7B final layer's shape, fed the same q, k, v, so the difference is the capture alone.
+LAYER_7B = dict(heads=28, kv_heads=4, head_dim=128)
+LAYER_VARIANTS = ("sdpa", "capture", "capture_repeat_kv", "eager_last_layer")
+
+
+def attention_layer(heads, kv_heads, head_dim):
+    """Qwen2.5-VL's text attention module with this shape, as the last layer of its model (its projections on the
+    meta device: the kernels read only its attributes)."""
+    text = dict(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                num_hidden_layers=1)
+    with torch.device("meta"):
+        layer = Qwen2_5_VLAttention(Qwen2_5_VLConfig(text_config=text).text_config, layer_idx=0)
+    return layer.train()
+
+
+def layer_loss(layer, q, k, v, rows, variant, weights, causal):
+    """One attention layer's output and, except under sdpa, the attention policy p of the last `rows` query rows
+    (Eq. 2), dotted with fixed random weights: a scalar whose backward needs everything the variant keeps.
+    Causal, no padding: SDPA and our kernel get no mask (is_causal), eager the additive causal mask `causal`."""
+    w_out, w_p = weights
+    if variant == "eager_last_layer":
+        out, alpha = eager_attention_forward(layer, q, k, v, causal, scaling=layer.scaling)
+        p = without_self(alpha[:, :, -rows:].float().mean(1))
+    else:
+        with capturing() as c:
+            out = ral_sdpa(layer, q, k, v, None, scaling=layer.scaling)[0]
+        if variant == "sdpa":
+            return (out.float() * w_out).sum()
+        key = repeat_kv(c["key"], layer.num_key_value_groups) if variant == "capture_repeat_kv" else c["key"]
+        p = attention_policy(c["query"], key, c["mask"], rows, c["scaling"])
+    return (out.float() * w_out).sum() + (p * w_p).sum()
+
+
+def bench_layer(seqs, rows, batch, repeats, device="cpu", dtype=torch.float32, shape=LAYER_7B):
+    """Per T: bytes saved for backward (machine-independent), median forward + backward time and, on CUDA, the peak
+    memory above the inputs, of the four variants at one attention layer of `shape`, interleaved."""
+    layer, results = attention_layer(**shape), []
+    H, K, d = shape["heads"], shape["kv_heads"], shape["head_dim"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    for T in seqs:
+        R = min(rows, T - 1)                                    # the first response row keeps one other key
+        g = torch.Generator(device).manual_seed(T)
+        leaf = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype).requires_grad_()
+        q, k, v = leaf(batch, H, T, d), leaf(batch, K, T, d), leaf(batch, K, T, d)
+        weights = (torch.randn(batch, T, H, d, generator=g, device=device), torch.randn(batch, R, T, generator=g,
+                                                                                          device=device))
+        causal = torch.full((T, T), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+        inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, causal, *weights)}
+        step = lambda variant: layer_loss(layer, q, k, v, R, variant, weights, causal)
+        times, peaks = {v: [] for v in LAYER_VARIANTS}, {}
+        for rep in range(repeats + 1):                          # repetition 0 is the warm-up
+            for variant in (LAYER_VARIANTS if rep % 2 else LAYER_VARIANTS[::-1]):
+                q.grad = k.grad = v.grad = None
+                if device.startswith("cuda"):
+                    sync(), torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                step(variant).backward()
+                sync()
+                if rep:
+                    times[variant].append(time.perf_counter() - t0)
+                if device.startswith("cuda"):
+                    peaks[variant] = torch.cuda.max_memory_allocated() - base
+        for variant in LAYER_VARIANTS:
+            results.append(dict(T=T, B=batch, R=R, variant=variant, device=device, dtype=str(dtype).split(".")[-1],
+                                time_s=statistics.median(times[variant]),
+                                time_vs_sdpa=statistics.median(a / b for a, b in zip(times[variant], times["sdpa"])),
+                                saved_bytes=saved_bytes_of(lambda: step(variant), inputs), peak_bytes=peaks.get(variant)))
+        sdpa = results[-len(LAYER_VARIANTS)]["saved_bytes"]
+        for r in results[-len(LAYER_VARIANTS):]:
+            r["saved_beyond_sdpa"] = r["saved_bytes"] - sdpa
+        print(f"  layer T={T}: " + ", ".join(f"{r['variant']} {r['time_s']:.3f}s"
+                                            for r in results[-len(LAYER_VARIANTS):]), file=sys.stderr)
+        del q, k, v, weights, causal
     return results
 
 
@@ -242,19 +371,157 @@ QWEN25_VL = {
 }
 
 
+def meta_model(name):
+    """The released Qwen2.5-VL config `name` on the meta device (no weights), vision tower frozen as model.prepare."""
+    text = QWEN25_VL[name]
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.model.visual.requires_grad_(False)
+    return model
+
+
 def bench_memory(gpus):
     rows = []
-    for name, text in QWEN25_VL.items():
-        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"])
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
-        with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-        model.model.visual.requires_grad_(False)          # frozen, as model.prepare does
+    for name in QWEN25_VL:
+        model = meta_model(name)
         params = sum(w.numel() for w in model.parameters())
         for mode in ("DDP", "FSDP"):
             m = training_memory(model, gpus, fsdp=mode == "FSDP")
             rows.append(dict(model=f"Qwen2.5-VL-{name}", params=params, mode=mode, gpus=gpus, **m))
     return rows
+
+
+def activation_memory(text, batch, seq, rows, act_bytes=2, checkpointing=True, padded=True):
+    """Bytes of one micro-batch's forward + backward through policy_forward (with the attention policy) and Eq. 4's
+    loss, by what holds them, counted from the code; tests/test_bench.py checks them against a measured step.
+    text: the text config's sizes; `batch` sequences of `seq` tokens, the last `rows` the response; act_bytes 2 when
+    the layers compute in bf16 (FSDP's bf16 gathered weights), 4 in fp32; padded: the batch has padding, so the
+    model builds the dense B x 1 x T x T mask (a group's responses differ in length: in training, always).
+    held: what the forward keeps for backward. peak: the larger of the forward's end (held + the logits' working
+    set) and the backward of a layer (checkpointing: the layer inputs, the mask, one layer recomputed, and its
+    gradients' working set, about 2 B T I + 2 B T H fp32 elements as measured on small models)."""
+    B, T, R, e = batch, seq, rows, act_bytes
+    H, I, L = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    nh, kv, V = text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
+    d, N = H // nh, B * T
+    held_kv = nh if padded and kv > 1 else kv     # with a mask transformers repeats the key heads for SDPA (a copy,
+                                                  # repeat_kv; a view when there is one key head)
+    layer = (2 * (N * H * (4 + 2 * e) + 4 * N)  # 2 RMSNorms: the fp32 input, 1/rms, the normalized input before and
+             + 2 * N * nh * d * e             # after its weight; q and SDPA's output
+             + 2 * N * held_kv * d * e        # k and v as SDPA saves them
+             + 4 * B * nh * T                 # SDPA's log-sum-exp
+             + 4 * N * I * e                  # the MLP: gate, up, silu(gate), silu(gate) * up
+             + (B * T * T * e if padded else 0))   # SDPA's float copy of the boolean mask, made by every layer
+    m = dict(
+        layer_inputs=L * N * H * e if checkpointing else 0,   # all checkpointing keeps of a layer: its input
+        layers=0 if checkpointing else L * layer,
+        mask=B * T * T if padded else 0,      # the boolean B x 1 x T x T mask, shared by the layers
+        head=N * H * (4 + e) + 4 * N + B * (R + 1) * H * e + 2 * B * T * d * e,   # final norm, head input, rotary
+        logits=4 * B * R * V,                 # the response rows' fp32 log-softmax (B x R x V)
+        # q of the response rows and the key heads in fp32: copies under bf16; in fp32 views of the layer's own q
+        # and k, which hold them whole unless SDPA keeps them anyway (q always, k without a mask, no checkpointing)
+        capture=(4 * B * nh * R * d if e != 4 else 4 * B * nh * T * d if checkpointing else 0)
+                + (4 * B * kv * T * d if e != 4 or padded or checkpointing else 0)
+                + B * R * T * (7 * 4 + 7) + R * T,           # Eq. 2's rows and Eq. 3's JSD: 7 fp32 + 7 bool B x R x T
+    )
+    m["held"] = sum(m.values())
+    m["logits_working"] = B * (R + 1) * V * e + 4 * B * R * V          # the head's logits and their fp32 copy
+    m["layer_backward"] = (layer if checkpointing else 0) + 2 * N * I * e + 2 * N * H * 4
+    backward = m["layer_backward"] + (m["layer_inputs"] + m["mask"] if checkpointing else m["held"])
+    m["peak"] = max(m["held"] + m["logits_working"], backward)
+    return m
+
+
+PRESETS = (("3B", "config/qwen3b_8gpu.py"), ("7B", "config/qwen7b_8gpu.py"))
+PROMPT_TEXT_TOKENS = 128   # the chat template and the question around the video: an allowance, not measured
+
+
+def preset(path):
+    """A preset's options as ral.py resolves them (a preset may read another by its path from the repository)."""
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return cli.parse([path], ral.OPTIONS, ral.__doc__)
+    finally:
+        os.chdir(here)
+
+
+def longest_visual_tokens():
+    """The most visual tokens data.encode gives one sample: a video at its default frames (2 per temporal patch) of
+    frame_pixels each, or an image at image_pixels (one token per 28 x 28 pixels)."""
+    p = inspect.signature(data.encode).parameters
+    video = p["video_frames"].default // 2 * (p["frame_pixels"].default // tasks.CELL ** 2)
+    return max(video, p["image_pixels"].default // tasks.CELL ** 2)
+
+
+def bench_memory_whole(gpus, presets=PRESETS):
+    """Per GPU, a step of each preset at its longest input: the training state, then the larger of the update
+    (one micro-batch's activations, activation_memory) and the rollout's generate (the gathered bf16 model, the KV
+    cache, the prefill). Everything in bf16 compute as FSDP runs it on GPU. Returns one dict of rows per preset."""
+    out = []
+    for name, path in presets:
+        cfg, model, text = preset(path), meta_model(name), QWEN25_VL[name]
+        params = sum(w.numel() for w in model.parameters())
+        layer_params = sum(w.numel() for w in model.model.language_model.layers[0].parameters())
+        visual_params = sum(w.numel() for w in model.model.visual.parameters())
+        root_params = params - visual_params - text["num_hidden_layers"] * layer_params   # embeddings, norm, head
+        head_params = text["vocab_size"] * text["hidden_size"]
+        B, R, V, H = cfg["micro_batch"], cfg["max_new_tokens"], text["vocab_size"], text["hidden_size"]
+        visual = longest_visual_tokens()
+        P = visual + PROMPT_TEXT_TOKENS
+        T = P + R
+        sequences = cfg["prompts_per_step"] // gpus * cfg["group_size"]            # a rank's rollout
+        L, kv, d = text["num_hidden_layers"], text["num_key_value_heads"], H // text["num_attention_heads"]
+        act = activation_memory(text, B, T, R, 2, cfg["grad_checkpointing"])
+        rows = dict(state=training_memory(model, gpus, fsdp=cfg["fsdp"])["total"],
+                    # FSDP2 keeps the root unit gathered from forward to backward, the head's bf16 gradient until
+                    # the end of backward, one decoder layer prefetched beside the current one, and a layer's
+                    # unsharded bf16 gradient with its fp32 copy for the reduce-scatter
+                    fsdp_in_flight=(2 * root_params + 2 * head_params + 2 * 2 * layer_params + 6 * layer_params)
+                    if cfg["fsdp"] else 0,
+                    # a step's rollout, kept for its update: p_old (fp32 B x R x T) and the cached visual embeddings
+                    rollout_buffers=sequences * R * T * 4 + cfg["prompts_per_step"] // gpus * visual * H * 2,
+                    **{f"act_{k}": v for k, v in act.items()},
+                    generate_copy=params * 2,       # every unit gathered once in bf16 for the whole generate
+                    kv_cache=L * 2 * sequences * kv * T * d * 2,
+                    # no_grad prefill of the rank's sequences, one layer at a time: the hidden states, the norm's
+                    # fp32 copy and the MLP's gate, up and their product
+                    prefill=sequences * P * (H * (2 + 4) + 3 * text["intermediate_size"] * 2))
+        rows["update_peak"] = rows["state"] + rows["fsdp_in_flight"] + rows["rollout_buffers"] + act["peak"]
+        rows["generate_peak"] = rows["state"] + rows["generate_copy"] + rows["kv_cache"] + rows["prefill"] + \
+            cfg["prompts_per_step"] // gpus * visual * H * 2
+        rows["peak"] = max(rows["update_peak"], rows["generate_peak"])
+        out.append(dict(model=f"Qwen2.5-VL-{name}", preset=path, gpus=gpus, micro_batch=B, response=R,
+                        visual_tokens=visual, T=T, sequences=sequences, checkpointing=cfg["grad_checkpointing"],
+                        fsdp=cfg["fsdp"], rows=rows))
+    return out
+
+
+# (row, how it is derived) for the whole-memory table, in order
+WHOLE_ROWS = (
+    ("state", "training state (fp32 shards, gradients, AdamW, bf16 reference): meta-device count, above"),
+    ("fsdp_in_flight", "FSDP2 units in flight: root (embeddings, head) and 2 decoder layers in bf16, head and "
+                       "layer gradients: computed"),
+    ("rollout_buffers", "the step's rollout kept for the update: p_old (B x R x T fp32), visual embeddings: computed"),
+    ("act_layer_inputs", "activations: each decoder layer's input, kept by checkpointing: counted, tested"),
+    ("act_mask", "the dense boolean B x 1 x T x T mask (the only T^2 term): counted, tested"),
+    ("act_head", "final norm, head input, rotary tables: counted, tested"),
+    ("act_logits", "log-softmax of the response rows (B x R x V fp32): counted, tested"),
+    ("act_capture", "the capture (q rows, key heads in fp32) and Eq. 2-3's B x R x T tensors: counted, tested"),
+    ("act_layer_backward", "backward of one layer: recomputed (with SDPA's float copy of the mask) and its "
+                           "gradients: counted, working set measured on small models, tested"),
+    ("act_logits_working", "forward's logits working set (bf16 logits, fp32 copy): counted, tested"),
+    ("act_peak", "activation peak: the larger of the forward's end (held + logits working set) and a layer's "
+                 "backward (+ layer inputs, mask): counted, tested"),
+    ("update_peak", "**update peak**: state + in flight + rollout + activation peak"),
+    ("generate_copy", "rollout: the bf16 model gathered once for generate (parameters x 2 bytes): computed"),
+    ("kv_cache", "rollout: KV cache of the rank's sequences (bf16): computed"),
+    ("prefill", "rollout: prefill working set (one layer over the rank's sequences): computed"),
+    ("generate_peak", "**generate peak**: state + gathered copy + KV cache + prefill + visual embeddings"),
+    ("peak", "**per-GPU peak**"),
+)
 
 
 def mib(n):
@@ -272,6 +539,20 @@ def print_tables(results):
             print(f"| {r['size']} | {r['T']} | {r['B']} x {r['R']} | {r['variant']} | {r['time_s']:.3f} | "
                   f"{r['time_vs_sdpa']:.2f} | {mib(r['saved_bytes'])} | {r['saved_vs_sdpa']:.2f} |"
                   + (f" {mib(r['rss_growth_bytes'])} |" if rss else ""))
+    if "layer" in results:
+        rows = results["layer"]
+        print(f"\n### The capture against the paper's last layer in eager: one attention layer of the 7B's shape "
+              f"({LAYER_7B['heads']} query heads, {LAYER_7B['kv_heads']} key heads, head dim {LAYER_7B['head_dim']}), "
+              f"forward + backward, {rows[0]['dtype']} on {rows[0]['device']}; saved: the tensors autograd keeps beyond "
+              f"the inputs q, k, v; causal, no padding\n")
+        cuda = rows[0]["peak_bytes"] is not None
+        print("| T | B x R | variant | saved for backward MiB | beyond sdpa MiB | step s | vs sdpa |"
+              + (" peak memory MiB |" if cuda else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+        for r in rows:
+            print(f"| {r['T']} | {r['B']} x {r['R']} | {r['variant']} | {mib(r['saved_bytes'])} | "
+                  f"{mib(r['saved_beyond_sdpa'])} | {r['time_s']:.3f} | {r['time_vs_sdpa']:.2f} |"
+                  + (f" {mib(r['peak_bytes'])} |" if cuda else ""))
     if "step" in results:
         s = results["step"]
         print(f"\n### One GRPO step vs one RAL step ({s['size']}, {s['prompts']} prompts x {s['group_size']}, "
@@ -299,12 +580,175 @@ def print_tables(results):
             print(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['gpus']} | {gb('weights')} | "
                   f"{gb('gradients')} | {gb('optimizer')} | {gb('reference')} | {gb('total')} | "
                   f"{'yes' if r['total'] < 80e9 else 'no'} |")
+    if "memory_whole" in results:
+        presets = results["memory_whole"]
+        print("\n### Memory per GPU, whole: a step of each preset at its longest input (GB = 1e9 bytes)\n")
+        for p in presets:
+            print(f"- {p['model']} ({p['preset']}): {p['gpus']} GPUs, FSDP {p['fsdp']}, micro-batch {p['micro_batch']}, "
+                  f"{p['visual_tokens']} visual + {PROMPT_TEXT_TOKENS} text + {p['response']} response tokens "
+                  f"(T = {p['T']}), {p['sequences']} sequences per rank, checkpointing {p['checkpointing']}")
+        print("\n| | how it is derived | " + " | ".join(p["model"] for p in presets) + " |")
+        print("|---|---|" + "---|" * len(presets))
+        for key, how in WHOLE_ROWS:
+            print(f"| {key} | {how} | " + " | ".join(f"{p['rows'][key] / 1e9:.2f}" for p in presets) + " |")
+        print("| under 80 GB | | " + " | ".join("yes" if p["rows"]["peak"] < 80e9 else "no" for p in presets) + " |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python bench.py --what gpu: one command that checks a CUDA GPU. Every check is wrapped, so a failure is a row of
+# the table and the others still run.
+
+def real_geometry(name="7B", layers=2, device="cuda"):
+    """A random Qwen2.5-VL with the released `name` text geometry (attention shape, MLP, vocabulary) cut to `layers`
+    decoder layers, a tiny vision tower, bf16 weights as FSDP gathers them on GPU, the capture kernel on."""
+    text = dict(QWEN25_VL[name], num_hidden_layers=layers,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]))
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=text["hidden_size"])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
+    config.eos_token_id, config.pad_token_id = 151645, 151643             # the released checkpoints' ids
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    return prepare(model)
+
+
+def real_geometry_step(name="7B", layers=2, batch=2, seq=9344, rows=1024, device="cuda"):
+    """One RL update micro-batch (policy_forward with the capture, Eq. 4's loss, backward) of real_geometry at the
+    preset's shape, checkpointing on, a padded batch: the peak CUDA memory above weights and gradients, against
+    activation_memory's peak for the cut model, and the measured peak scaled to the full depth (each further layer
+    adds its checkpointed input)."""
+    model = real_geometry(name, layers, device).train()
+    model.activation_checkpointing_enable(dict(use_reentrant=False))
+    text = dict(QWEN25_VL[name], num_hidden_layers=layers)
+    b = random_batch(text["vocab_size"] - 1000, batch, seq)
+    b["attention_mask"][0, :3] = 0
+    b = {k: v.to(device) for k, v in b.items()}
+    z = lambda *s: torch.zeros(*s, device=device)
+    mb = dict(old_logp=z(batch, rows), ref_logp=z(batch, rows), adv=torch.ones(batch, device=device),
+              mask=torch.ones(batch, rows, device=device), old_p=torch.full((batch, rows, seq), 1.0 / seq, device=device))
+    for w in model.parameters():
+        w.grad = torch.zeros_like(w) if w.requires_grad else None
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+    base, t0, meter = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter(), LiveBytes()
+    with torch.autocast(device.split(":")[0], torch.bfloat16), meter if not cuda else nullcontext():
+        logp, p = policy_forward(model, b, rows)
+        loss, _ = ral.rl_terms(logp, p, mb, torch.tensor(float(batch * rows), device=device), 0.2, 0.04, 1.0)
+        loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base if cuda else meter.peak
+    counted = activation_memory(text, batch, seq, rows, 2, True)["peak"]
+    full = peak + (QWEN25_VL[name]["num_hidden_layers"] - layers) * batch * seq * text["hidden_size"] * 2
+    return (f"{name} geometry, {layers} layers, B {batch} x T {seq} (R {rows}): {time.perf_counter() - t0:.2f} s, "
+            f"activation peak {peak / 1e9:.2f} GB (activation_memory counts {counted / 1e9:.2f}: ratio "
+            f"{peak / counted:.2f}; the peak also holds weight gradients made in backward, up to V x H bf16 = "
+            f"{text['vocab_size'] * text['hidden_size'] * 2 / 1e9:.2f} GB for the head or the embeddings); scaled to "
+            f"{QWEN25_VL[name]['num_hidden_layers']} layers {full / 1e9:.2f} GB")
+
+
+FSDP_GENERATE = """
+import os, sys, time, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import bench, model as M, scale
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+device = {device!r}
+dist.init_process_group("nccl" if device == "cuda" else "gloo")
+if device == "cuda":
+    torch.cuda.set_device(0)
+sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+policy = bench.real_geometry("7B", {layers}, device).float().eval()
+_, processor = M.build_tiny()
+policy.config.eos_token_id = policy.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+policy.config.pad_token_id = policy.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+scale.shard(policy, 1, device, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+ids = torch.randint(1000, 100000, ({batch}, {prompt}), device=device)
+batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+def run(gather_once):
+    if gather_once:   # FSDP2's own calls: every unit gathered before generate, resharded after (the root keeps
+        for u in units:   # its own setting: FSDP never reshards it after a forward)
+            if u is not policy: u.set_reshard_after_forward(False)
+            u.unshard()
+    sync(); t0 = time.perf_counter()
+    out, mask = M.generate(policy, processor, batch, {new}, greedy=True)
+    sync(); dt = time.perf_counter() - t0
+    if gather_once:
+        for u in units:
+            u.reshard()
+            if u is not policy: u.set_reshard_after_forward(True)
+    return mask.sum().item() / dt, out
+for warm in (True, False):
+    per_token, a = run(False)
+    once, b = run(True)
+print(f"RESULT per-token gathers {{per_token:.1f}} tokens/s, gathered once {{once:.1f}} tokens/s "
+      f"({{once / per_token:.2f}}x), same tokens {{torch.equal(a, b)}}")
+"""
+
+
+def gpu_check(out_path, limit_s=460):
+    """Runs each check on one CUDA GPU within about limit_s seconds; returns the rows (check, ok, detail) and
+    writes them as one markdown table to out_path."""
+    root, started, rows = os.path.dirname(os.path.abspath(__file__)), time.time(), []
+    tmp = os.path.join(root, "out", "gpu_check")
+
+    def check(name, fn):
+        if time.time() - started > limit_s:
+            return rows.append((name, "skipped", f"past the {limit_s} s budget"))
+        t0 = time.time()
+        try:
+            rows.append((name, "ok", f"{fn()} ({time.time() - t0:.0f} s)"))
+        except Exception as e:                         # one failure is a row; the rest still run
+            rows.append((name, "FAILED", f"{type(e).__name__}: {str(e)[-300:]}".replace("|", "/").replace("\n", " ")))
+        print(f"  gpu check: {rows[-1][0]}: {rows[-1][1]}", file=sys.stderr)
+
+    def command(args, timeout, env=None):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=root,
+                              env=dict(os.environ, OMP_NUM_THREADS="4", **(env or {})))
+        if proc.returncode:
+            raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-600:]}")
+        return proc.stdout
+
+    def tiny_run(tag, launcher):
+        args = ["ral.py", "--sft_steps=100", "--sft_stop=0", "--rl_steps=2", "--prompts_per_step=4", "--eval_n=16",
+                f"--out_dir={tmp}/{tag}", f"--warm_dir={tmp}/warm", "--device=auto"]
+        command(launcher + args + (["--fsdp=True"] if tag == "fsdp" else []), 240)
+        with open(os.path.join(tmp, tag, "metrics.jsonl")) as f:
+            last = json.loads(f.readlines()[-1])
+        return ", ".join(f"{k} {last[k]:.3g}" for k in ("reward", "accuracy", "kl", "attn_jsd", "grad_norm", "time_step"))
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    device = torch.cuda.get_device_name(0)
+    check("tests with a CUDA path (pytest -m device, RAL_TEST_DEVICE=cuda)", lambda: command(
+        [sys.executable, "-m", "pytest", "-q", "-m", "device", "tests"], 240,
+        dict(RAL_TEST_DEVICE="cuda")).strip().splitlines()[-1])
+    check("tiny default, bf16 autocast (python ral.py, small settings)", lambda: tiny_run("plain", [sys.executable]))
+    check("tiny default, --fsdp=True, one-rank torchrun (nccl)", lambda: tiny_run("fsdp", torchrun))
+    check("one RL update micro-batch, 7B geometry cut to 2 layers, peak memory", real_geometry_step)
+    for T in (4096, 8192):
+        check(f"capture at the 7B final layer, T = {T}, bf16: ours / last layer eager / sdpa", lambda: "; ".join(
+            f"{r['variant']} {r['time_s'] * 1e3:.1f} ms, peak {mib(r['peak_bytes'])} MiB, saved "
+            f"{mib(r['saved_bytes'])} MiB" for r in bench_layer([T], 1024, 1, 3, "cuda", torch.bfloat16)))
+    script = os.path.join(tmp, "fsdp_generate.py")
+    os.makedirs(tmp, exist_ok=True)
+    with open(script, "w") as f:
+        f.write(FSDP_GENERATE.format(root=root, layers=4, batch=8, prompt=512, new=128, device="cuda"))
+    check("rollout tokens/s under FSDP (one rank, 7B geometry cut to 4 layers, 8 x 512 prompt, 128 new tokens): "
+          "per-token gathers vs gathered once (FSDP2's unshard/reshard)",
+          lambda: command(torchrun + [script], 240).split("RESULT ")[-1].strip())
+    table = [f"### GPU check: {device}, torch {torch.__version__}, {time.time() - started:.0f} s\n",
+             "| check | result | detail |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    print("\n".join(table))
+    with open(out_path, "w") as f:
+        f.write("\n".join(table) + "\n")
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--what", default="capture,step,rollout,memory",
-                    help="capture, step, rollout, memory (comma-separated)")
+    ap.add_argument("--what", default="capture,layer,step,rollout,memory",
+                    help="capture, layer, step, rollout, memory (comma-separated); gpu: the GPU check")
     ap.add_argument("--visual-tokens", type=int, default=64, help="visual tokens per image for the rollout benchmark")
     ap.add_argument("--gpus", type=int, default=8, help="devices for the memory table")
     ap.add_argument("--seq", default="256,1024", help="total sequence lengths T for the capture benchmark")
@@ -313,12 +757,15 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=128, help="response rows R (at most T/2)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the fresh-process peak RSS column")
+    ap.add_argument("--layer-seq", default="1024,2048,4096", help="T for the one-layer capture table (--what layer)")
+    ap.add_argument("--layer-rows", type=int, default=1024, help="response rows R of the one-layer table")
     ap.add_argument("--step-size", default="4x128x4")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, 0 = torch's default (see the docstring)")
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--gpu-out", default="gpu_check.md", help="where --what gpu writes its table")
     ap.add_argument("--_rss", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -326,11 +773,18 @@ def main(argv=None):
     if args._rss:
         return _rss_child(args._rss)
     what = args.what.split(",")
+    if "gpu" in what:
+        if not torch.cuda.is_available():
+            print("no CUDA device here: python bench.py --what gpu checks a GPU and needs one")
+            return None
+        return gpu_check(args.gpu_out)
     results = dict(env=dict(torch=torch.__version__, threads=torch.get_num_threads(),
                             load_avg_start=os.getloadavg()[0], cuda=torch.cuda.is_available()))
     if "capture" in what:
         results["capture"] = bench_capture(args.sizes.split(","), [int(s) for s in args.seq.split(",")], args.batch,
                                            args.rows, args.repeats, args.rss)
+    if "layer" in what:
+        results["layer"] = bench_layer([int(t) for t in args.layer_seq.split(",")], args.layer_rows, 1, args.repeats)
     if "step" in what:
         results["step"] = bench_step(args.step_size, args.prompts, args.group, args.new_tokens, args.repeats)
     if "rollout" in what:
@@ -338,6 +792,7 @@ def main(argv=None):
                                            args.visual_tokens)
     if "memory" in what:
         results["memory"] = bench_memory(args.gpus)
+        results["memory_whole"] = bench_memory_whole(args.gpus)
     results["env"]["load_avg_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.out:

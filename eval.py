@@ -42,6 +42,8 @@ import tasks
 SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
 EVAL_N = 128            # ral.py's eval_n, so a trainer-written eval.json and ours count the same samples
+THINK_TOKENS = 1024     # a <think> rationale and its answer (the presets' max_new_tokens); 64 cuts it off
+ANSWER_TOKENS = 64      # <answer>...</answer> alone, and the random tiny model's smoke test
 Z95 = 1.959964          # two-sided 95% normal quantile
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
     """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
     `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer); reward_fn scores.
     Under torchrun (world > 1) each rank scores samples[rank::world] and the per-sample results are gathered, so
-    every rank returns what one process would, and none idles.
+    every rank returns what one process would, and none idles. The ranks' forwards differ in number, so a sharded
+    (FSDP) model must be whole for it (scale.gathered), as ral.train has it.
     grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
     acc, fmt, ground, chance = [], [], [], []
     training = model is not None and model.training
@@ -366,6 +369,13 @@ def load_model(ckpt, device="cpu"):
     return policy.load(path, device=device)
 
 
+def response_tokens(path, mode):
+    """eval.py's default response length: the run's own max_new_tokens (run_config.json: what it trained and was
+    evaluated with), else one that fits the format."""
+    return run_config(path).get("max_new_tokens") or (THINK_TOKENS if mode == "think" and path != "tiny" else
+                                                      ANSWER_TOKENS)
+
+
 def run_mode(path):
     """RAL-zero checkpoints answer without thinking: the trainer's config says so, else the folder name."""
     cfg = run_config(path)
@@ -424,6 +434,7 @@ def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
     if missing:
         mode = mode or run_mode(path)
+        kw = dict(kw, max_new_tokens=kw.get("max_new_tokens") or response_tokens(path, mode))
         model, processor = load_model(path, device)
         results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
         save_eval(path, mode, results)
@@ -485,7 +496,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=None, help=f"samples per offline suite (default {EVAL_N})")
     ap.add_argument("--mode", choices=["think", "zero"], default=None, help="default: from the run folder")
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--max_new_tokens", type=int, default=None, help="default: the run's own (run_config.json), "
+                    f"else {THINK_TOKENS} for the think format, {ANSWER_TOKENS} for zero (and --ckpt tiny)")
     ap.add_argument("--maps", type=int, default=0, help="attention-map PNGs per suite")
     ap.add_argument("--metric", default="accuracy", choices=["accuracy", "format", "grounding"])
     ap.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval.json for a folder)")
@@ -503,6 +515,7 @@ def main(argv=None):
     folder = os.path.isdir(args.ckpt)
     out = args.out or (os.path.join(weights_dir(args.ckpt), "eval.json") if folder else None)
     mode = args.mode or (run_mode(args.ckpt) if folder else "think")
+    kw["max_new_tokens"] = args.max_new_tokens or response_tokens(args.ckpt, mode)
     maps_dir = os.path.join(os.path.dirname(os.path.abspath(out)) if out else "out", "maps")
     model, processor = load_model(args.ckpt, args.device)
     results = evaluate_suites(model, processor, names, args.n, mode, maps=args.maps, maps_dir=maps_dir, **kw)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoTokenizer, GenerationConfig,
                           LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -86,7 +86,7 @@ def load(name_or_path, device="cpu", dtype=None):
         processor = load_processor(name_or_path)
     except OSError as e:   # transformers' message for a missing hub id or files: its first line says what
         raise UsageError(f"cannot load {name_or_path}: {str(e).strip().splitlines()[0]}") from None
-    return prepare(model.to(device)), processor
+    return prepare(model.to(device), processor.tokenizer), processor
 
 
 def build_tokenizer(vocab_size=1024):
@@ -122,37 +122,63 @@ def build_tiny(layers=4, hidden=128, heads=4, kv_heads=2, vision_depth=2, vision
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                   out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1], window_size=112)
+    # the token ids live in text_config, as transformers puts those of a hub config.json
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                               vision_end_token_id=ids["<|vision_end|>"])
-    config.eos_token_id, config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    return prepare(model), Processor(tokenizer, image_processor)
+    return prepare(model, tokenizer), Processor(tokenizer, image_processor)
 
 
-def prepare(model):
-    """Freeze the vision encoder and merger (the paper trains only the LLM); switch every layer to our kernel."""
+def token_ids(model, tokenizer=None):
+    """The checkpoint's end-of-response ids (a list) and its pad id, read where transformers keeps them: it moves
+    the ids of a flat hub config.json into text_config (the top-level Qwen2_5_VLConfig has none), and
+    generation_config.json lists every end (Qwen2.5-VL Instruct: [<|im_end|>, <|endoftext|>]). The tokenizer's eos
+    token comes first (the end of a turn in its chat template: SFT targets end with it); its pad token is the last
+    resort."""
+    text, generation = model.config.get_text_config(), model.generation_config
+    listed = lambda v: [] if v is None else [int(v)] if isinstance(v, int) else [int(x) for x in v]
+    eos = listed(getattr(tokenizer, "eos_token_id", None)) + listed(text.eos_token_id) + listed(generation.eos_token_id)
+    pads = (text.pad_token_id, generation.pad_token_id, getattr(tokenizer, "pad_token_id", None))
+    if not eos:
+        raise ValueError("the checkpoint names no end-of-sequence token (config, generation_config or tokenizer)")
+    return list(dict.fromkeys(eos)), next((int(p) for p in pads if p is not None), eos[0])
+
+
+def prepare(model, tokenizer=None):
+    """Freeze the vision encoder and merger (the paper trains only the LLM); switch every layer to our kernel;
+    keep the token ids (token_ids) in the model's generation_config, where generate and SFT read them (and
+    save_pretrained writes them)."""
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
     model.set_attn_implementation("ral_sdpa")
-    model.generation_config.pad_token_id = model.config.pad_token_id
-    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = token_ids(model, tokenizer)
     return model
 
 
-def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True):
+def end_ids(model):
+    """The ids that end a response, as prepare keeps them (generation stops at any; the first ends an SFT target)."""
+    ids = getattr(model, "module", model).generation_config.eos_token_id
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True, gathered_bytes=2):
     """Per-device bytes of the training state, before activations: trainable weights (fp32 master weights: 4
     bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower (bf16), and the bf16
     reference model. FSDP shards all of it over `world` devices; DDP keeps a full copy on each (its gradient
-    buckets are views of the gradients: gradient_as_bucket_view). Works on a meta-device model (no weights)."""
+    buckets are views of the gradients: gradient_as_bucket_view). Under FSDP, `generation` is the whole policy
+    that scale.gathered holds on every device through a rollout or an evaluation, in the dtype FSDP gathers
+    (gathered_bytes: bf16 on GPU, the weights' own on CPU); DDP's replica is whole already. Works on a meta-device
+    model (no weights)."""
     trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)
     frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
     share = world if fsdp else 1
     rows = dict(weights=trainable * weight_bytes + frozen * 2, gradients=trainable * weight_bytes,
                 optimizer=trainable * 8, reference=(trainable + frozen) * 2 if reference else 0)
     rows = {k: v / share for k, v in rows.items()}
+    rows["generation"] = (trainable + frozen) * gathered_bytes if fsdp else 0
     return dict(rows, total=sum(rows.values()))
 
 
@@ -183,13 +209,13 @@ def ral_sdpa(module, query, key, value, attention_mask, **kwargs):
     closed when backward recomputes the layer, and the capture saves nothing inside it)."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if _capture is not None and getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1:
-        _capture.update(query=query, key=key, mask=attention_mask, groups=module.num_key_value_groups,
-                        scaling=kwargs.get("scaling", module.scaling))
+        _capture.update(query=query, key=key, mask=attention_mask, scaling=kwargs.get("scaling", module.scaling))
     return out
 
 
 def attention_policy(query, key, attention_mask, rows, scaling):
-    """query B x H x T x d (after rotary), key B x H x T x d, attention_mask: None (plain causal) or SDPA's boolean
+    """query B x H x T x d (after rotary), key B x K x T x d (the K key-value heads as the layer computed them, before
+    repeat_kv: query head h reads key head h // (H / K)), attention_mask: None (plain causal) or SDPA's boolean
     B x 1 x T x T (True = may attend) or additive float mask. Returns B x rows x T: p^t over keys, zero at t and after.
     """
     T = key.shape[2]
@@ -217,28 +243,31 @@ def head_softmax(q, k, allowed, scaling):
 
 
 class HeadMeanSoftmax(torch.autograd.Function):
-    """The mean over heads of the attention weights of R query rows, B x R x T. Autograd alone would keep every
-    head's B x R x T weights for backward; this keeps only q and k and recomputes one head at a time, so the
-    capture's memory is O(B x R x T)."""
+    """The mean over the H query heads of the attention weights of R query rows, B x R x T. Autograd alone would
+    keep every head's B x R x T weights for backward; this keeps only q (B x H x R x d) and k (B x K x T x d, the K
+    key-value heads, not repeated to H: grouped-query attention shares key head h // (H / K) among H / K query
+    heads) and recomputes one head at a time, so the capture's memory is O(B x R x T)."""
 
     @staticmethod
     def forward(ctx, q, k, allowed, scaling):
         ctx.save_for_backward(q, k, allowed)
-        ctx.scaling = scaling
+        ctx.scaling, groups = scaling, q.shape[1] // k.shape[1]
         out = head_softmax(q[:, 0], k[:, 0], allowed, scaling)
         for h in range(1, q.shape[1]):
-            out += head_softmax(q[:, h], k[:, h], allowed, scaling)
+            out += head_softmax(q[:, h], k[:, h // groups], allowed, scaling)
         return out / q.shape[1]
 
     @staticmethod
     def backward(ctx, grad):
         q, k, allowed = ctx.saved_tensors
-        s, g = ctx.scaling, grad / q.shape[1]
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        s, g, groups = ctx.scaling, grad / q.shape[1], q.shape[1] // k.shape[1]
+        dq, dk = torch.empty_like(q), torch.zeros_like(k)
         for h in range(q.shape[1]):
-            a = head_softmax(q[:, h], k[:, h], allowed, s)
+            kh = k[:, h // groups]
+            a = head_softmax(q[:, h], kh, allowed, s)
             ds = a * (g - (a * g).sum(-1, keepdim=True))                       # softmax backward
-            dq[:, h], dk[:, h] = ds @ k[:, h] * s, ds.transpose(1, 2) @ q[:, h] * s
+            dq[:, h] = ds @ kh * s
+            dk[:, h // groups] += ds.transpose(1, 2) @ q[:, h] * s             # a key head sums its query heads
         return dq, dk, None, None
 
 
@@ -350,8 +379,7 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
     logp = torch.gather(logprobs, 2, targets.unsqueeze(-1)).squeeze(-1)
-    p = attention_policy(c["query"], repeat_kv(c["key"], c["groups"]), c["mask"], response_len, c["scaling"]) \
-        if attention else None
+    p = attention_policy(c["query"], c["key"], c["mask"], response_len, c["scaling"]) if attention else None
     return (logp, p, logprobs) if full else (logp, p)
 
 
@@ -363,7 +391,7 @@ def token_entropy(logprobs):
     return torch.stack([torch.special.entr(row.exp()).sum(-1) for row in logprobs])
 
 
-def sampling_config(model, max_new_tokens):
+def sampling_config(model, max_new_tokens, tokenizer=None):
     """Every setting greedy decoding reads, explicitly: greedy search (not beams, not contrastive search) over the
     scores with nothing applied but the suppressed tokens (no repetition penalty, n-gram ban or minimum length);
     sampling is GumbelSampler's. generate fills each field left unset (None) from the checkpoint's own
@@ -371,13 +399,20 @@ def sampling_config(model, max_new_tokens):
     would then not come from the distribution whose log-probs the ratio uses. Greedy decoding reads no sampling
     flag, but temperature, top-k, top-p, typical-p and the cutoffs get transformers' own defaults (which it reads as
     "off" and does not warn about) so that the checkpoint's values do not fill them; min_p and top_h, warned about
-    whatever their value, stay unset, as do the fields whose "off" is None (bad words, forced tokens)."""
+    whatever their value, stay unset, as do the fields whose "off" is None (bad words, forced tokens). Generation
+    stops at any of stop_ids."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, penalty_alpha=0.0, repetition_penalty=1.0,
         no_repeat_ngram_size=0, min_new_tokens=0, renormalize_logits=False,
         suppress_tokens=suppressed_tokens(model.config), begin_suppress_tokens=[],
         temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-        eos_token_id=model.config.eos_token_id, pad_token_id=model.config.pad_token_id)
+        eos_token_id=stop_ids(model, tokenizer), pad_token_id=model.generation_config.pad_token_id)
+
+
+def stop_ids(model, tokenizer=None):
+    """The ids a response ends at: the model's end ids (end_ids) and the tokenizer's eos token."""
+    ends = end_ids(model) + [t for t in [getattr(tokenizer, "eos_token_id", None)] if t is not None]
+    return list(dict.fromkeys(ends))
 
 
 class GumbelSampler(LogitsProcessor):
@@ -401,18 +436,23 @@ class GumbelSampler(LogitsProcessor):
 def generate(model, processor, batch, max_new_tokens, temperature=1.0, greedy=False, seeds=None):
     """KV-cache generation (the capture is off: no capturing() block) with sampling_config: greedy, or samples
     from softmax(logits / temperature) with one seed per row (seeds; default: drawn from torch's global
-    generator). Returns response ids B x R, padded after the first <|im_end|>, and the response mask (ones up to
-    and including it). A sharded model (FSDP) generates with synced_gpus: a rank whose responses ended keeps
-    stepping, since every forward gathers weights from all ranks."""
-    tok = processor.tokenizer
+    generator). Returns response ids B x R, padded after the first end id (any of sampling_config's: Qwen2.5-VL
+    Instruct ends on <|im_end|> or <|endoftext|>), and the response mask (ones up to and including it). Inside
+    scale.gathered a sharded (FSDP) model is whole and each rank decodes alone; outside it, it generates with
+    synced_gpus (every forward gathers weights from all ranks)."""
     extra = []
     if not greedy:
         seeds = seeds if seeds is not None else torch.randint(2 ** 62, (len(batch["input_ids"]),)).tolist()
         extra = [GumbelSampler(temperature, seeds)]
-    sharded = isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
-    out = model.generate(**batch, generation_config=sampling_config(model, max_new_tokens),
-                         logits_processor=LogitsProcessorList(extra), synced_gpus=sharded)
+    # weights still in shards (an FSDP model outside scale.gathered) are gathered in every forward: then a rank whose
+    # responses ended must keep stepping with the others (synced_gpus), or their all-gathers fall out of step
+    sharded = dist.is_initialized() and dist.get_world_size() > 1 and any(isinstance(w, DTensor)
+                                                                          for w in model.parameters())
+    config = sampling_config(model, max_new_tokens, processor.tokenizer)
+    out = model.generate(**batch, generation_config=config, logits_processor=LogitsProcessorList(extra),
+                         synced_gpus=sharded)
     response = out[:, batch["input_ids"].shape[1]:]
-    ended = (response == tok.eos_token_id).long().cumsum(1)
-    mask = (ended == 0) | ((ended == 1) & (response == tok.eos_token_id))
-    return response.masked_fill(~mask, tok.pad_token_id), mask.long()
+    is_end = torch.isin(response, torch.tensor(config.eos_token_id, device=response.device))
+    ended = is_end.long().cumsum(1)
+    mask = (ended == 0) | ((ended == 1) & is_end)
+    return response.masked_fill(~mask, config.pad_token_id), mask.long()

@@ -30,9 +30,9 @@ from cli import UsageError, cli, parse
 from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
-    take_rows, to_device, token_entropy, with_responses
-from scale import compute, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, setup_distributed, \
-    shard, wrap
+    stop_ids, take_rows, to_device, token_entropy, with_responses
+from scale import compute, gathered, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, \
+    setup_distributed, shard, wrap
 from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ OPTIONS = dict(   # name: (default, meaning)
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(256, "held-out samples (0: no evaluation)"),
+    eval_n=(256, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole file)"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
@@ -296,7 +296,7 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
         adv = group_advantages(rewards, G, scale=cfg["scale_rewards"] == "group").to(device)
         # a response that reached max_new_tokens without its end token was cut off; --mask_truncated keeps its
         # tokens out of the loss (its reward still counts in the group's advantages and in the log)
-        ended = (response == tok.eos_token_id).any(1)
+        ended = torch.isin(response, torch.tensor(stop_ids(model, tok), device=response.device)).any(1)
         in_loss = ended | (not cfg["mask_truncated"])
         full, P = with_responses(batch, response, response_mask), batch["input_ids"].shape[1]
         for mb, (first, last) in enumerate(mini_batch_slices(G, cfg["mini_batches"])):
@@ -455,8 +455,10 @@ def load_samples(cfg, rank=0, world=1):
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or tasks.suite_name(cfg["task"], tasks.task_options(cfg["task"], cfg))
-    held_out = (read_samples(cfg["eval_file"])[:cfg["eval_n"]] if cfg["eval_file"] else
-                evaluation.suite(name, n=cfg["eval_n"])) if cfg["eval_n"] else []
+    if cfg["eval_file"]:      # a file given is always evaluated: its first eval_n samples, or all of it (eval_n=0)
+        held_out = read_samples(cfg["eval_file"])[:cfg["eval_n"] or None]
+    else:
+        held_out = evaluation.suite(name, n=cfg["eval_n"]) if cfg["eval_n"] else []
     return sft_samples, train, held_out, name
 
 
@@ -465,7 +467,8 @@ def plan(cfg, suite):
     task is an easy mistake to make: the last line names it."""
     offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
     sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
-    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else "none (eval_n=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else \
+        f"{suite} (every sample)" if cfg["eval_file"] else "none (eval_n=0)"
     lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
              f"held out: {held_out}"]
     used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
@@ -552,11 +555,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     metrics_path, samples_path, run = open_logs(cfg, step, resumed, rank)
     prompts_of = step_prompts(cfg, train_samples, rank, world)
 
-    def evaluate(tag):   # every rank scores its share of the held-out samples; a sharded model's forwards need
-        if held_out:     # every rank in step, so under FSDP each rank runs them all
-            share = dict(rank=0, world=1) if cfg["fsdp"] else dict(rank=rank, world=world)
-            r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
-                                    reward_fn=reward_fn, **share)
+    def evaluate(tag):   # every rank scores its share of the held-out samples; under FSDP with the weights
+        if held_out:     # gathered once (scale.gathered), so the ranks' forwards need not stay in step
+            with gathered(model):
+                r = evaluation.evaluate(model, processor, held_out, mode=mode, max_new_tokens=cfg["max_new_tokens"],
+                                        reward_fn=reward_fn, rank=rank, world=world)
             results[tag] = r
             if rank == 0:
                 print(f"{tag}: accuracy {r['accuracy']:.3f}  format {r['format']:.3f}  (n={r['n']})")
@@ -570,10 +573,13 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         t0 = time.time()
         with autocast:
             # rollout: G responses per prompt, rewards, advantages, the rollout policy's log-probs and attention
+            # a sharded policy is gathered once for it (not once per new token), so each rank decodes its own
+            # prompts alone; the sharded reference's forwards gather in each, as many on every rank
             model.eval()
-            micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
-                                                               mode, step, rank * (cfg["prompts_per_step"] // world),
-                                                               device, reward_fn)
+            first_group = rank * (cfg["prompts_per_step"] // world)
+            with gathered(model):
+                micro_batches, stats, samples_log, times = rollout(model, ref_model, processor, prompts_of(step), cfg,
+                                                                   mode, step, first_group, device, reward_fn)
             # update: mini_batches x epochs optimizer steps on the loss (Eq. 4)
             model.train()
             for group in optimizer.param_groups:       # a function of the step alone, so a resume needs no state

@@ -5,7 +5,7 @@ distill.py call these; on one CPU process each is a no-op or a plain save.
 """
 import os
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,8 @@ def compute(cfg, device):
 
 
 def memory_report(model, world, fsdp=False, reference=True):
-    m = training_memory(model, world, fsdp, next(model.parameters()).element_size(), reference)
+    w = next(model.parameters())      # FSDP gathers in bf16 on GPU (wrap's policy), in the weights' dtype on CPU
+    m = training_memory(model, world, fsdp, w.element_size(), reference, 2 if w.is_cuda else w.element_size())
     return f"training state per device ({'FSDP' if fsdp else 'DDP' if world > 1 else 'one process'}, " \
            f"{world} device(s)): " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in m.items())
 
@@ -75,6 +76,26 @@ def shard(model, world, device, policy=MixedPrecisionPolicy()):
     # initialized for model.visual"), and torch has no public call for that yet
     model._get_fsdp_state()._lazy_init()
     return model
+
+
+@contextmanager
+def gathered(model):
+    """A sharded (FSDP) model whole for a block of forwards that need no gradient (a rollout, an evaluation): every
+    unit all-gathers its weights once (in the compute dtype: bf16 on GPU) and keeps them until the block ends,
+    instead of once per forward, which is once per new token in generate (4 N + 1 all-gathers for N tokens on the
+    tiny model). Inside, forwards make no collective at all, so each rank can decode its own prompts to its own
+    length. After it every unit is resharded and reshards after forward again (FSDP's defaults, which shard()
+    uses: every unit but the root; torch PR 149103 added the setter for this). A no-op for any other model."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

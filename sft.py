@@ -26,7 +26,7 @@ import tasks
 from cli import UsageError
 from data import seed_for
 from tasks import offline_stream
-from model import append_responses, build_tiny, generate, load, masked_sum, policy_forward, to_device
+from model import append_responses, build_tiny, end_ids, generate, load, masked_sum, policy_forward, to_device
 from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, wrap
 
 VAL_SEED = 20_000     # the early stop's validation draws: neither the held-out seed nor the streams' (data.py)
@@ -85,8 +85,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
         else:
             idx = torch.randint(len(samples), (per_rank * world,), generator=g)[rank * per_rank:(rank + 1) * per_rank]
             chosen = [samples[i] for i in idx]
-        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                   for s in chosen]
+        targets = [tok(data.sft_target(s, mode), add_special_tokens=False)["input_ids"] + end_ids(raw)[:1]
+                   for s in chosen]   # the checkpoint's own end of a turn (Qwen2.5-VL Instruct: <|im_end|>)
         # the token mean over the whole global batch: the same objective for any ranks and micro-batches
         n_tokens = torch.tensor(float(sum(map(len, targets))), device=device)
         if world > 1:

@@ -26,6 +26,6 @@ grad_checkpointing = True
 # fp32 master weights + gradients + AdamW + the bf16 reference: 140 GB per GPU in DDP, 17.5 GB sharded over 8
 # (python bench.py --what memory): the 7B trains only with FSDP2
 fsdp = True
-eval_n = 0
+eval_n = 0                       # --eval_file: the whole file; without one, no evaluation
 eval_every = 400
 ckpt_every = 100

@@ -184,3 +184,18 @@ def test_the_plan_names_the_stage_that_falls_back_to_the_offline_task(tmp_path):
     assert lines[-1].startswith("note: --train_file given but not --sft_file, --eval_file")
     assert "note" not in ral.plan(ral.configure([f"--train_file={rl}", "--sft_steps=0", "--eval_n=0"]), "x")
     assert "note" not in ral.plan(ral.configure([]), "search-16")              # all offline: nothing to say
+
+
+def test_the_7b_preset_evaluates_the_eval_file(tmp_path):
+    """config/qwen7b_8gpu.py sets eval_n = 0: with --eval_file that is the whole file (it was silently nothing),
+    --eval_n takes its first n; without a file, eval_n = 0 is no evaluation."""
+    from test_eval import write_benchmark
+    path = write_benchmark(tmp_path, n=5)
+    held_out = lambda *argv: ral.load_samples(ral.configure(["config/qwen7b_8gpu.py", f"--out_dir={tmp_path / 'run'}",
+                                                             *argv]))[2]
+    assert ral.configure(["config/qwen7b_8gpu.py"])["eval_n"] == 0
+    assert [s["id"] for s in held_out(f"--eval_file={path}")] == ["0", "1", "2", "3", "4"]
+    assert len(held_out(f"--eval_file={path}", "--eval_n=2")) == 2
+    assert held_out() == []
+    cfg = ral.configure(["config/qwen7b_8gpu.py", f"--eval_file={path}"])
+    assert ral.plan(cfg, path).splitlines()[2] == f"held out: {path} (every sample)"

@@ -281,6 +281,29 @@ def test_compare_evaluates_checkpoints_without_eval_json(tiny, tmp_path, capsys)
     assert saved[0] == saved[1]  # same weights, greedy decoding: the same result; eval.json cached for next time
 
 
+def test_default_response_length_is_the_runs_own_or_fits_the_format(tiny, tmp_path, monkeypatch):
+    """eval.py without --max_new_tokens: a run's own max_new_tokens (its run_config.json), else 1024 for a
+    think-format checkpoint (the old 64 cut a <think> rationale off) and 64 for zero; --max_new_tokens wins."""
+    model, processor = tiny
+    folders = {}
+    for name, run_config in (("ral", dict(max_new_tokens=5, zero=False)), ("grpo", dict(max_new_tokens=7, zero=True)),
+                             ("plain", None)):
+        weights = tmp_path / name / "ckpt" if run_config else tmp_path / name
+        model.save_pretrained(weights)
+        processor.save_pretrained(weights)
+        if run_config:
+            ev.write_json(run_config, str(tmp_path / name / "run_config.json"))
+        folders[name] = str(tmp_path / name)
+    asked, generate = [], policy.generate
+    monkeypatch.setattr(policy, "generate", lambda m, p, batch, n, **kw: asked.append(n) or generate(m, p, batch, 2,
+                                                                                                        **kw))
+    one = ["--suite", "search-16", "--n", "1"]
+    for argv in (["--ckpt", folders["ral"]], ["--ckpt", folders["plain"]], ["--ckpt", folders["plain"], "--mode",
+                 "zero"], ["--ckpt", folders["ral"], "--max_new_tokens", "3"], ["--compare", folders["grpo"]]):
+        ev.main(argv + one)
+    assert asked == [5, ev.THINK_TOKENS, ev.ANSWER_TOKENS, 3, 7] and ev.THINK_TOKENS >= 1024
+
+
 SHARDED = """
 import json, os, sys, torch
 sys.path.insert(0, {root!r})

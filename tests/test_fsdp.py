@@ -69,6 +69,11 @@ def test_fsdp_two_ranks_match_one_and_checkpoint_loads(two_steps):
     # in both, equal to 3e-7
     kl = [[json.loads(line)["kl"] for line in open(run / "metrics.jsonl")] for run in (one, fsdp)]
     assert all(k > 0 for k in kl[0]) and all(abs(x - y) < 1e-3 * x for x, y in zip(*kl)), kl
+    # the held-out set split over the ranks (the policy gathered once for it) scores as one process does
+    results = [json.loads((run / "results.json").read_text()) for run in (one, fsdp)]
+    for tag in ("before_rl", "after_rl"):
+        a, b = results[0][tag], results[1][tag]
+        assert a["n"] == b["n"] == 2 and a["accuracy"] == b["accuracy"] and abs(a["grounding"] - b["grounding"]) < 1e-4
 
 
 def test_fsdp_resume_matches_uninterrupted(two_steps):
@@ -181,3 +186,132 @@ def test_capture_and_generation_under_fsdp(tmp_path):
     """On 2 ranks: p, log-probs and their gradients from the sharded model equal the unsharded model's; greedy
     generation equals it too while one rank finishes after one token and the other keeps going (synced_gpus)."""
     launch(CAPTURE.format(root=ROOT), [], 2, 3, tmp_path, timeout=300)     # out of step, it hangs
+
+
+GATHER = """
+import copy, os, sys, torch, torch.distributed as dist
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+import data, eval as evaluation, model as M, scale, tasks
+
+
+class Collectives(TorchDispatchMode):
+    # every collective torch.distributed issues inside the block, as c10d ops: FSDP's all-gathers, generate's
+    # synced_gpus all-reduces, all_gather_object's
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {{}}))
+
+    def gathers(self, start=0):
+        return sum("allgather" in op or "all_gather" in op for op in self.ops[start:])
+
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model, processor = M.build_tiny(seed=0)
+plain = copy.deepcopy(model)
+scale.wrap(model, dict(fsdp=True), 2, "cpu")
+units = sum(isinstance(m, scale.FSDPModule) for m in model.modules())
+layers = len(model.model.language_model.layers)
+
+# a rollout's generate: each rank its own prompt G times, the image encoded once, one seed per response
+G = 4
+prompt, _ = data.encode(tasks.search_task(1, seed=10 + rank, tokens=16) * G, processor)
+prompt = M.encode_visuals_once(plain, prompt)
+seeds = [100 * rank + j for j in range(G)]
+counts, tokens = {{}}, {{}}
+for N in (8, 32):
+    with Collectives() as c:
+        with scale.gathered(model):
+            assert not any(isinstance(w, DTensor) for w in model.parameters())
+            entry = len(c.ops)
+            tokens[N] = M.generate(model, processor, prompt, N, seeds=seeds)
+            inside = c.ops[entry:]
+    assert inside == [], inside                  # no collective inside generate: each rank decodes alone
+    assert tokens[N][1].sum(1).max() == N        # it ran all N steps
+    counts[N] = c.gathers()
+    assert all(isinstance(w, DTensor) for w in model.parameters())       # resharded after
+for N in (8, 32):
+    once, mask = tokens[N]
+    model.reshard()                              # the root too: every unit in shards, as gathered found them
+    with Collectives() as c:                     # the per-token path (outside gathered: synced_gpus)
+        per_token, per_token_mask = M.generate(model, processor, prompt, N, seeds=seeds)
+    counts[f"per_token_{{N}}"] = c.gathers()
+    alone, alone_mask = M.generate(plain, processor, prompt, N, seeds=seeds)
+    assert torch.equal(once, per_token) and torch.equal(once, alone), (once, per_token, alone)
+    assert torch.equal(mask, per_token_mask) and torch.equal(mask, alone_mask)
+# once per unit, whatever N; per token, every decoder layer again at every step (and the root once)
+assert counts[8] == counts[32] == units, counts
+assert counts["per_token_8"] == layers * 8 + 1 and counts["per_token_32"] == layers * 32 + 1, counts
+
+# after it, a training forward gathers layer by layer again (reshard_after_forward restored; the root keeps its
+# weights after the first), and its log-probs and gradients are the unsharded model's
+full = M.with_responses(prompt, once, mask)
+model.reshard()
+grads = []
+for m in (model, plain):
+    with Collectives() as c:
+        logp, p = M.policy_forward(m, full, 32)
+        first = c.gathers()
+        M.policy_forward(m, full, 32, attention=False)
+        second = c.gathers() - first
+    (logp.sum() + p.sum()).backward()
+    grads.append({{n: (w.grad.full_tensor() if isinstance(w.grad, DTensor) else w.grad) for n, w in m.named_parameters()
+                   if w.grad is not None}})
+    if m is model:
+        assert first == layers + 1 and second == layers, (first, second)
+assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+for n in grads[1]:        # FSDP's gradient is the mean of the ranks' own (each rank had its own prompt)
+    dist.all_reduce(grads[1][n])
+    grads[1][n] /= 2
+    assert (grads[0][n] - grads[1][n]).abs().max() < 1e-5 * max(1.0, grads[1][n].abs().max().item()), n
+
+# evaluation split over the ranks inside gathered: rank 0 has 3 samples (2 batches), rank 1 has 2 (1 batch), and the
+# only collectives inside are all_gather_object's; the results equal one process's on all 5
+samples = tasks.search_task(5, seed=7, tokens=16)
+reward = lambda text, sample, mode: dict(reward=0.0, accuracy=float(sample["answer"] in "AB"),   # a random model
+                                         format=float(text.startswith("f")))                     # scores 0 on both
+kw = dict(mode="zero", batch_size=2, max_new_tokens=8, reward_fn=reward, progress=False)
+with Collectives() as c:
+    dist.all_gather_object([None, None], [(0, 1.0, 0.0, 0.5, 0.25)])
+results_gather = c.ops
+with scale.gathered(model):
+    with Collectives() as c:
+        sharded = evaluation.evaluate(model, processor, samples, rank=rank, world=2, **kw)
+assert c.ops == results_gather, c.ops
+one = evaluation.evaluate(plain, processor, samples, **kw)
+assert sharded["n"] == one["n"] == 5 and 0 < one["accuracy"] < 1 and 0 < one["format"] < 1, (sharded, one)
+for k in one:
+    assert abs(sharded[k] - one[k]) < 1e-5 if isinstance(one[k], float) else sharded[k] == one[k], (k, sharded, one)
+
+# the memory term: every sharded weight held whole on every rank while gathered, in the dtype FSDP gathers (on
+# GPU, wrap's bf16 policy: here on CPU too)
+bf16 = scale.shard(copy.deepcopy(plain), 2, "cpu", MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+for m, dtype in ((model, torch.float32), (bf16, torch.bfloat16)):
+    sharded = {{n for n, w in m.named_parameters() if isinstance(w, DTensor)}}
+    with scale.gathered(m):
+        whole = [w for n, w in m.named_parameters() if n in sharded]
+        assert {{w.dtype for w in whole}} == {{dtype}} and not any(isinstance(w, DTensor) for w in whole)
+        held = sum(w.numel() * w.element_size() for w in whole)
+    expected = M.training_memory(plain, 2, fsdp=True, gathered_bytes=dtype.itemsize)["generation"]
+    assert held == expected > 0, (held, expected)
+dist.barrier()
+print("counts", rank, counts)
+"""
+
+
+def test_generation_gathers_once_and_evaluation_splits_under_fsdp(tmp_path):
+    """On 2 ranks, each with its own prompts: inside scale.gathered a rollout's generate makes no collective, the
+    all-gathers are one per FSDP unit for 8 and for 32 new tokens (per token outside it: 4 N + 1), and its tokens
+    equal the per-token path's and one process's; a training forward afterwards gathers per layer again with the
+    unsharded model's gradients; evaluation split over the ranks (uneven batches) equals one process; the
+    gathered copy is training_memory's `generation` row (fp32 here, bf16 under wrap's GPU policy)."""
+    out = launch(GATHER.format(root=ROOT), [], 2, 5, tmp_path, timeout=300)
+    print(out)

@@ -1,4 +1,6 @@
 """The policy: loading, freezing, and the attention capture (Eq. 2) against transformers' own eager attention."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -36,24 +38,26 @@ def image_batch(processor, seed=0):
                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
 
-def eager_policy(model, batch):
+def eager_policy(model, batch, rows=R):
     """The reference: eager attention of the whole model, last layer, head mean, self weight dropped, renormalized."""
     model.set_attn_implementation("eager")
     try:
         out = model(**batch, output_attentions=True, use_cache=False)
     finally:
         model.set_attn_implementation("ral_sdpa")
-    alpha = out.attentions[-1].mean(1)[:, -R:].clone()
+    alpha = out.attentions[-1].mean(1)[:, -rows:].clone()
     T = alpha.shape[-1]
-    for j in range(R):
-        alpha[:, j, T - R + j] = 0
+    for j in range(rows):
+        alpha[:, j, T - rows + j] = 0
     return alpha / alpha.sum(-1, keepdim=True), out.logits
 
 
-def test_capture_equals_eager_values_and_gradients(tiny):
+@pytest.mark.device
+def test_capture_equals_eager_values_and_gradients(tiny, device):
     model, processor = tiny
-    batch = image_batch(processor)
-    weights = torch.randn(2, R, batch["input_ids"].shape[1], generator=torch.Generator().manual_seed(1))
+    model = model if device == "cpu" else copy.deepcopy(model).to(device)
+    batch = M.to_device(image_batch(processor), device)
+    weights = torch.randn(2, R, batch["input_ids"].shape[1], generator=torch.Generator().manual_seed(1)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     _, p = M.policy_forward(model, batch, R)
@@ -63,7 +67,7 @@ def test_capture_equals_eager_values_and_gradients(tiny):
 
     assert p.shape == ref.shape
     assert (p - ref).abs().max() < 1e-5
-    assert torch.allclose(p.sum(-1), torch.ones(2, R), atol=1e-6)
+    assert torch.allclose(p.sum(-1), torch.ones(2, R, device=device), atol=1e-6)
     T = p.shape[-1]
     for j in range(R):                                     # nothing on itself or the future
         assert (p[:, j, T - R + j:] == 0).all()
@@ -164,6 +168,26 @@ def test_head_mean_softmax_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k: M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), (q, k))
     reference = torch.stack([M.head_softmax(q[:, h], k[:, h], allowed, 0.4) for h in range(3)]).mean(0)
     assert torch.allclose(M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), reference)
+
+
+@pytest.mark.device
+def test_head_mean_softmax_grouped_query_heads(device):
+    """Key heads shared by groups of query heads (6 query heads, 2 key heads), as the 7B's 28 and 4: the same values
+    and gradients as the key heads repeated to 6 (transformers' repeat_kv), and finite differences agree."""
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 6, 4, 5, dtype=torch.float64, generator=g), torch.randn(2, 2, 7, 5, dtype=torch.float64,
+                                                                                  generator=g)
+    allowed = torch.rand(2, 4, 7, generator=g) > 0.3
+    allowed[..., 0] = True
+    q, k, allowed = q.to(device).requires_grad_(), k.to(device).requires_grad_(), allowed.to(device)
+    assert torch.autograd.gradcheck(lambda q, k: M.HeadMeanSoftmax.apply(q, k, allowed, 0.4), (q, k))
+    repeated = lambda k: k.repeat_interleave(3, 1)                  # query head h reads key head h // 3
+    ours = M.HeadMeanSoftmax.apply(q, k, allowed, 0.4)
+    reference = torch.stack([M.head_softmax(q[:, h], repeated(k)[:, h], allowed, 0.4) for h in range(6)]).mean(0)
+    w = torch.randn(ours.shape, dtype=torch.float64, generator=g).to(device)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad((x * w).sum(), (q, k)) for x in (ours, reference)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*grads))
 
 
 def test_float_mask_equals_boolean_mask():

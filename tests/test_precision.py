@@ -2,6 +2,7 @@
 the attention policy is still computed in float32; the memory table counts what the trainer holds."""
 import copy
 
+import pytest
 import torch
 
 import data
@@ -13,17 +14,17 @@ from helpers import spread_reward
 from model import build_tiny
 
 
-def moved_share(weights_dtype, steps=2, lr=1e-5):
+def moved_share(weights_dtype, device="cpu", steps=2, lr=1e-5):
     """Share of the trainable weights that received a gradient and changed after `steps` AdamW steps at lr,
-    with bf16 compute (CPU autocast)."""
+    with bf16 compute (autocast on `device`)."""
     model, processor = build_tiny(seed=1)
-    model.to(weights_dtype)
+    model.to(device, weights_dtype)
     cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=steps, compute_dtype="bfloat16")
-    autocast = scale.compute(cfg, "cpu")
+    autocast = scale.compute(cfg, device)
     torch.manual_seed(0)
     with autocast:
         micro_batches = ral.rollout(model, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think",
-                                    0, 0, "cpu", spread_reward)[0]
+                                    0, 0, device, spread_reward)[0]
     trainable = [w for w in model.parameters() if w.requires_grad]
     before = [w.detach().clone() for w in trainable]
     model.train()
@@ -38,15 +39,18 @@ def moved_share(weights_dtype, steps=2, lr=1e-5):
     return moved / touched
 
 
-def test_fp32_master_weights_keep_small_updates():
-    fp32, bf16 = moved_share(torch.float32), moved_share(torch.bfloat16)
+@pytest.mark.device
+def test_fp32_master_weights_keep_small_updates(device):
+    fp32, bf16 = moved_share(torch.float32, device), moved_share(torch.bfloat16, device)
     # measured: fp32 master weights 1.000 of the weights moved, pure bf16 weights about 0.15
     assert fp32 > 0.95 and bf16 < 0.5, (fp32, bf16)
 
 
-def test_attention_policy_is_float32_under_bf16_autocast(monkeypatch):
+@pytest.mark.device
+def test_attention_policy_is_float32_under_bf16_autocast(monkeypatch, device):
     """The final layer's q and k as the kernel sees them (bf16 under autocast), then Eq. 2 by hand in float32."""
     model, processor = build_tiny(seed=2)
+    model.to(device)
     seen = {}
     original = policy.attention_policy
 
@@ -56,15 +60,17 @@ def test_attention_policy_is_float32_under_bf16_autocast(monkeypatch):
 
     monkeypatch.setattr(policy, "attention_policy", recording)
     batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16), processor)
-    full, _ = policy.append_responses(batch, [[30, 40, 50, 60]], processor.tokenizer.pad_token_id)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    full, _ = policy.append_responses(policy.to_device(batch, device), [[30, 40, 50, 60]],
+                                      processor.tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast(device.split(":")[0], torch.bfloat16):
         _, p = policy.policy_forward(model, full, 4)
     assert p.dtype == torch.float32
     q, k = seen["query"].double(), seen["key"].double()
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)        # the kernel hands over the key heads unrepeated
     T, R = k.shape[2], 4
     scores = (q[:, :, T - R:] @ k.transpose(-1, -2)) * seen["scaling"]
-    t = torch.arange(T - R, T)
-    scores = scores.masked_fill(torch.arange(T)[None, :] > t[:, None], float("-inf"))   # causal; no padding here
+    t = torch.arange(T - R, T, device=q.device)
+    scores = scores.masked_fill(torch.arange(T, device=q.device)[None, :] > t[:, None], float("-inf"))   # causal; no padding here
     alpha = scores.softmax(-1).mean(1)
     alpha[:, torch.arange(R), t] = 0.0
     reference = alpha / alpha.sum(-1, keepdim=True)
@@ -112,5 +118,9 @@ def test_memory_table_counts_master_weights_gradients_adam_and_reference():
     assert ddp["weights"] == 4 * trainable + 2 * frozen and ddp["gradients"] == 4 * trainable
     assert ddp["optimizer"] == 8 * trainable and ddp["reference"] == 2 * (trainable + frozen)
     fsdp = policy.training_memory(model, world=8, fsdp=True)
-    assert all(abs(fsdp[k] - ddp[k] / 8) < 1e-6 for k in ddp)
+    state = ("weights", "gradients", "optimizer", "reference")
+    assert all(abs(fsdp[k] - ddp[k] / 8) < 1e-6 for k in state)
+    # generating, a sharded policy holds it whole in bf16 (scale.gathered; tests/test_fsdp.py measures it there)
+    assert ddp["generation"] == 0 and fsdp["generation"] == 2 * (trainable + frozen)
+    assert all(abs(m["total"] - sum(m[k] for k in state + ("generation",))) < 1e-6 for m in (ddp, fsdp))
     assert "GiB" in scale.memory_report(copy.deepcopy(model), world=2)
