@@ -5,6 +5,8 @@ config files (plain python assignments), then --key=value overrides. Every mista
 """
 import ast
 import difflib
+import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -67,6 +69,28 @@ def parse(argv, options, doc):
                     raise UsageError(f"{arg}: {unknown(key, cfg)}")
                 cfg[key] = typed(key, value, cfg[key])
     return cfg
+
+
+def import_function(spec, option="--reward"):
+    """'module:function' (a module on the path, or a .py file) -> the function, else a UsageError naming option."""
+    module, colon, name = spec.partition(":")
+    if not colon or not module or not name:
+        raise UsageError(f"{option}={spec!r}: expected module:function (e.g. my_rewards:exact_match)")
+    try:
+        if module.endswith(".py"):
+            found = importlib.util.spec_from_file_location(os.path.basename(module)[:-3], module)
+            if found is None or not os.path.isfile(module):
+                raise ImportError(f"no such file {module}")
+            loaded = importlib.util.module_from_spec(found)
+            found.loader.exec_module(loaded)
+        else:
+            loaded = importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"{option}={spec!r}: cannot import {module}: {e}") from None
+    fn = getattr(loaded, name, None)
+    if not callable(fn):
+        raise UsageError(f"{option}={spec!r}: {module} has no function {name}")
+    return fn
 
 
 def cli(main, argv):

@@ -8,6 +8,8 @@ runs on the same sequences, and the student learns from three terms:
 gamma_attn=0 is the on-policy knowledge-distillation baseline (KD); the default adds attention distillation.
 
     python distill.py                                # tiny default: 4-layer teacher -> 2-layer student, on CPU
+                                                     # (the teacher: ral.py's tiny model after all 1500 SFT steps,
+                                                     # no early stop; not the warm start `python ral.py` makes)
     python distill.py --gamma_attn=0                 # the KD baseline, same seed
     python distill.py --teacher=out/ral --init_from=Qwen/Qwen2.5-VL-7B-Instruct ...
     torchrun --nproc_per_node=8 distill.py config/my_preset.py
@@ -27,7 +29,7 @@ import eval as evaluation
 import ral
 import scale
 import sft
-from cli import UsageError, cli
+from cli import UsageError, cli, import_function
 from model import check_source, load, load_processor, masked_sum, policy_forward, to_device
 
 meaning = lambda key: ral.OPTIONS[key][1]
@@ -137,7 +139,7 @@ def check_pair(teacher_path, student_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The run: ral.py's steps, with a teacher and Eq. 6 as the loss
 
-def teacher_and_student(cfg, sft_samples, mode, device, rank, world):
+def teacher_and_student(cfg, sft_samples, mode, device, rank, world, reward_fn=data.reward):
     """Make or find the teacher and the student's starting point (warm starts, reused when their recipe matches),
     and check that the pair shares tokenization before any training."""
     if cfg["teacher"]:
@@ -145,18 +147,20 @@ def teacher_and_student(cfg, sft_samples, mode, device, rank, world):
         problem = check_source(teacher_path)
         if problem:
             raise UsageError(f"--teacher: {problem}")
-    else:   # the warm start `python ral.py` makes (or reuses) at the same path
+    else:   # ral.py's tiny model after all teacher_sft_steps of SFT, no early stop: a recipe (and folder) of its
+            # own beside out_dir, not the early-stopped warm start `python ral.py` makes; made once, then reused
         teacher_path = sft.warm_start(dict(cfg, init_from="tiny", tiny_layers=cfg["teacher_layers"], warm_dir="",
                                            sft_steps=cfg["teacher_sft_steps"], sft_stop=0.0), sft_samples, mode, device, rank, world)
     if cfg["init_from"] != "tiny":
         check_pair(teacher_path, cfg["init_from"])             # a real pair fails before any training
-    start = sft.warm_start(cfg, sft_samples, mode, device, rank, world)
+    start = sft.warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn)
     check_pair(teacher_path, start)
     return teacher_path, start
 
 
 def main(argv, reward_fn=data.reward):
     cfg = ral.configure(argv, OPTIONS, __doc__)
+    reward_fn = import_function(cfg["reward"]) if cfg["reward"] else reward_fn
     if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
         raise UsageError("--mu and --gamma_attn must be >= 0")
     rank, world, device = scale.setup_distributed(cfg)
@@ -164,7 +168,7 @@ def main(argv, reward_fn=data.reward):
     if rank == 0:   # before SFT, as ral.main: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     mode = "zero" if cfg["zero"] else "think"
-    teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world)
+    teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world, reward_fn)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None
     teacher = load(teacher_path, cfg["teacher_device"] or device, dtype)[0].eval().requires_grad_(False)
     if rank == 0:

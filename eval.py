@@ -7,9 +7,11 @@ Measuring: accuracy on the offline suites and on JSONL benchmarks, attention map
     python eval.py --compare out/grpo-s0 out/grpo-s1 out/ral-s0 out/ral-s1   # seeds grouped: mean ± 95% CI
 
 A run is ral.py's output folder (weights in <run>/ckpt), any save_pretrained folder, or a hub id. Results are
-cached in eval.json beside the weights; --compare evaluates only the suites a run's eval.json lacks.
+cached in eval.json beside the weights, each under its suite and number of samples ("search-16 n=256"), so a
+result on other samples never replaces one; --compare evaluates only what a run's eval.json lacks.
 
-evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding)
+evaluate(model, processor, samples, ...) -> dict(n, accuracy, accuracy_ci, format, format_ci, grounding,
+                                                grounding_answer_span, grounding_all_rows, grounding_chance)
 suite(name, n=None, seed=None)            -> an offline suite ("search-256", "video-8", "video-8x64") or a .jsonl
 attention_map(model, processor, sample, path) -> the answer's final-layer attention over the image, as a PNG
 
@@ -36,12 +38,16 @@ from tqdm import tqdm
 import data
 import model as policy
 import tasks
+from cli import import_function
 
 
 
 SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
+# The held-out draw's one owner: ral.py's eval_n defaults to EVAL_N, and both draw with EVAL_SEED, so the trainer's
+# result and this file's are on the same samples. A draw of n is not a prefix of a larger one (the answers are
+# balanced over the whole draw), so eval.json files each result under its suite and n (filed_as).
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
-EVAL_N = 128            # ral.py's eval_n, so a trainer-written eval.json and ours count the same samples
+EVAL_N = 256
 THINK_TOKENS = 1024     # a <think> rationale and its answer (the presets' max_new_tokens); 64 cuts it off
 ANSWER_TOKENS = 64      # <answer>...</answer> alone, and the random tiny model's smoke test
 Z95 = 1.959964          # two-sided 95% normal quantile
@@ -127,6 +133,53 @@ def respond(model, processor, samples, mode="think", max_new_tokens=64, attentio
     return dict(texts=texts, p=p, batch=batch, **masks, response=response, response_mask=response_mask)
 
 
+def answer_tokens(tokenizer, response, mask):
+    """0/1 over response positions: the tokens of the answer, the text inside the last <answer>...</answer> (as
+    data.extract_answer reads it; an unclosed <answer>: the text after it); all zero if there is none."""
+    ids = response[mask.bool()].tolist()
+    prefixes = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    text = prefixes[-1]
+    spans = [m.span(1) for m in re.finditer(r"<answer>(.*?)</answer>", text, re.S)]
+    if not spans and "<answer>" in text:
+        spans = [(text.rindex("<answer>") + len("<answer>"), len(text))]
+    tokens = torch.zeros_like(mask)
+    if spans:
+        start, end = spans[-1]
+        for k in range(len(ids)):   # token k covers the characters [len(prefix k), len(prefix k + 1))
+            tokens[k] = int(len(prefixes[k]) < end and len(prefixes[k + 1]) > start)
+    return tokens
+
+
+def answer_rows(tokenizer, response, mask):
+    """0/1 over response rows: the rows that choose the answer. Row k of p is the query at response token k
+    (Eq. 2's literal reading), and that query predicts token k + 1, so the answer token k was chosen by row k - 1
+    (for <answer>C</answer>, the row of the opening tag's '>'). All real rows if there is no answer; an answer
+    token at k = 0 is chosen by the prompt's last position, which has no row in p."""
+    tokens = answer_tokens(tokenizer, response, mask)
+    rows = torch.zeros_like(mask)
+    rows[:-1] = tokens[1:]
+    return rows if rows.any() else mask
+
+
+def answer_span_rows(tokenizer, response, mask):
+    """0/1 over response rows: the rows of the answer span itself, every token after <answer> up to and
+    including the closing tag's last token (for <answer>C</answer>: the rows of C, </, answer, >). These come
+    after the answer was chosen; this is what answer_rows took before it read the rows that choose it, and is
+    kept as grounding_answer_span. All real rows if there is no <answer>."""
+    ids = response[mask.bool()].tolist()
+    prefixes = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids))]
+    rows = torch.zeros_like(mask)
+    for k, text in enumerate(prefixes):
+        rows[k] = int("<answer>" in text and "</answer>" not in text)
+    return rows if rows.any() else mask
+
+
+# Which attention rows a grounding figure averages (None: every response row).
+GROUNDING_ROWS = dict(grounding=answer_rows,                  # the rows that choose the answer tokens
+                      grounding_answer_span=answer_span_rows,  # the answer's own rows, through </answer>
+                      grounding_all_rows=None)                 # the whole response (what was reported until issue 21)
+
+
 def mean_rows(p, rows, prompt_len):
     """Average the attention rows selected by `rows` (B x R, 0/1) and keep the prompt's keys: B x P."""
     w = rows.float().to(p.device)
@@ -149,13 +202,14 @@ def chance_grounding(visual_mask, target_mask):
 
 def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tokens=64, responder=None,
              progress=True, desc="eval", reward_fn=data.reward, rank=0, world=1):
-    """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding.
+    """Accuracy and format rate (with 95% Wilson intervals) of greedy responses, and the mean grounding on each of
+    GROUNDING_ROWS' rows: `grounding` on the rows that choose the answer (docs/METHOD.md, "Grounding").
     `responder(samples) -> texts` replaces the model (tests use an oracle and a constant answer); reward_fn scores.
     Under torchrun (world > 1) each rank scores samples[rank::world] and the per-sample results are gathered, so
     every rank returns what one process would, and none idles. The ranks' forwards differ in number, so a sharded
     (FSDP) model must be whole for it (scale.gathered), as ral.train has it.
     grounding_chance is the grounding of uniform attention, the level a model that does not look would get."""
-    acc, fmt, ground, chance = [], [], [], []
+    acc, fmt, chance, ground = [], [], [], {key: [] for key in GROUNDING_ROWS}
     training = model is not None and model.training
     if model is not None:
         model.eval()
@@ -167,7 +221,10 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
         else:
             out = respond(model, processor, chunk, mode, max_new_tokens)
             texts, visual, target = out["texts"], out["visual"], out["target"]
-            ground += grounding_scores(mean_rows(out["p"], out["response_mask"], visual.shape[1]), visual, target)
+            for key, select in GROUNDING_ROWS.items():
+                rows = torch.stack([select(processor.tokenizer, r, m) for r, m in
+                                    zip(out["response"], out["response_mask"])]) if select else out["response_mask"]
+                ground[key] += grounding_scores(mean_rows(out["p"], rows, visual.shape[1]), visual, target)
             chance += chance_grounding(visual, target)
         for sample, text in zip(chunk, texts):
             r = reward_fn(text, sample, mode)
@@ -175,17 +232,18 @@ def evaluate(model, processor, samples, mode="think", batch_size=16, max_new_tok
             fmt.append(float(r["format"]))
     if training:  # the trainer calls this mid-run: hand the model back as it came
         model.train()
+    columns = [acc, fmt, chance or [None] * len(order)] + [g or [None] * len(order) for g in ground.values()]
     if world > 1:   # every rank's per-sample results, back in sample order
-        mine = list(zip(order, acc, fmt, ground or [None] * len(order), chance or [None] * len(order)))
         shares = [None] * world
-        dist.all_gather_object(shares, mine)
+        dist.all_gather_object(shares, list(zip(order, *columns)))
         rows = sorted(row for share in shares for row in share)
-        acc, fmt, ground, chance = ([row[c] for row in rows] for c in (1, 2, 3, 4))
-    n = len(acc)
+        columns = [[row[c + 1] for row in rows] for c in range(len(columns))]
+    acc, fmt, chance, n = columns[0], columns[1], columns[2], len(columns[0])
     mean = lambda xs: float(np.mean([x for x in xs if x is not None])) if any(x is not None for x in xs) else None
     return dict(n=n, accuracy=sum(acc) / max(n, 1), accuracy_ci=wilson(sum(acc), n),
-                format=sum(fmt) / max(n, 1), format_ci=wilson(sum(fmt), n),
-                grounding=mean(ground), grounding_chance=mean(chance))
+                format=sum(fmt) / max(n, 1), format_ci=wilson(sum(fmt), n), grounding_chance=mean(chance),
+                **{key: mean(g) for key, g in zip(GROUNDING_ROWS, columns[3:])},
+                **({"reward": reward_label(reward_fn)} if reward_fn is not data.reward else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,20 +273,10 @@ def overlay(image, heat, box=None, alpha=0.5, normalize=True):
     return out
 
 
-def answer_rows(tokenizer, response, mask):
-    """0/1 over response positions: the tokens after <answer> up to </answer>; all real tokens if there is none."""
-    ids = response[mask.bool()].tolist()
-    prefixes = [tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids))]
-    rows = torch.zeros_like(mask)
-    for k, text in enumerate(prefixes):
-        rows[k] = int("<answer>" in text and "</answer>" not in text)
-    return rows if rows.any() else mask
-
-
 @torch.no_grad()
 def answer_attention(model, processor, sample, mode="think", max_new_tokens=64, reward_fn=data.reward):
-    """Where the answer looks: the greedy response and its answer tokens' final-layer attention (Eq. 2's p, averaged
-    over them) on the visual tokens, as a (frames x) rows x cols grid of token cells. Returns dict(heat, text,
+    """Where the answer looks: the greedy response and the final-layer attention (Eq. 2's p) of the rows that chose
+    its answer tokens (answer_rows, averaged over them) on the visual tokens, as a (frames x) rows x cols grid of token cells. Returns dict(heat, text,
     correct, grounding, out=respond's dict)."""
     out = respond(model, processor, [sample], mode, max_new_tokens)
     rows = answer_rows(processor.tokenizer, out["response"][0], out["response_mask"][0])[None]
@@ -244,7 +292,7 @@ def answer_attention(model, processor, sample, mode="think", max_new_tokens=64, 
 def attention_figure(sample, runs, path, mode="think", max_new_tokens=64):
     """A figure a person can read: for each (label, model, processor) in runs, the image with the attention of the
     answer over it (one colour scale per panel, in attention mass per visual token), the star's box, the response,
-    whether it was right and the grounding; the question on top. Same sample for every run (before vs after)."""
+    the model's answer, the gold one, whether it was right and the grounding; the question on top. Same sample for every run (before vs after)."""
     image, box = data.load_image(sample["image"]), (sample.get("target") or {}).get("box")
     fig = Figure(figsize=(4.2 * len(runs), 5.2))
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
@@ -259,8 +307,9 @@ def attention_figure(sample, runs, path, mode="think", max_new_tokens=64):
             ax.add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan",
                                                       linewidth=2))
         ground = "–" if a["grounding"] is None else f"{a['grounding']:.2f}"
-        ax.set_title(f"{label}: {'right' if a['correct'] else 'wrong'} (answer {sample['answer']}), "
-                     f"grounding {ground}", fontsize=9)
+        said = data.extract_answer(a["text"])
+        ax.set_title(f"{label}: answered {'nothing' if said is None else repr(said)}, gold {sample['answer']} "
+                     f"({'right' if a['correct'] else 'wrong'})\ngrounding {ground}", fontsize=9)
         ax.set_xlabel(textwrap.fill(a["text"][:160] or "(empty response)", 48), fontsize=7)
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(sample["question"].split("\n")[0] + "   (cyan: the star's box)", fontsize=10)
@@ -272,7 +321,7 @@ def attention_figure(sample, runs, path, mode="think", max_new_tokens=64):
 
 @torch.no_grad()
 def attention_map(model, processor, sample, path, mode="think", max_new_tokens=64):
-    """Render the final-layer attention of the answer tokens (Eq. 2's p, averaged over them) over the image as a
+    """Render the final-layer attention of the rows that chose the answer (answer_rows: Eq. 2's p) over the image as a
     heatmap PNG of the image's size, or over a video as a strip with one frame per temporal token group.
     Returns dict(path, text, grounding)."""
     a = answer_attention(model, processor, sample, mode, max_new_tokens)
@@ -387,24 +436,55 @@ def run_mode(path):
     return "zero" if "zero" in os.path.basename(os.path.normpath(path)) else "think"
 
 
+def filed_as(name, n, reward=None):
+    """The key of a result in eval.json: its suite, its number of samples and, if not data.reward, its reward.
+    Results on other samples (another n) or scored otherwise sit beside each other; none replaces another."""
+    return f"{name} n={n}" + (f" reward={reward}" if reward else "")
+
+
+def reward_label(reward_fn):
+    """How a result names the reward that scored it: None for data.reward, else module.function."""
+    return None if reward_fn is data.reward else f"{reward_fn.__module__}.{reward_fn.__qualname__}"
+
+
+def suite_of(key):
+    return key.rpartition(" n=")[0] or key
+
+
+def stored_suites(path):
+    """The results in an eval.json, keyed by filed_as (an older file, keyed by suite alone, is read the same)."""
+    suites = read_json(path).get("suites", {})
+    return {k if " n=" in k else filed_as(k, r["n"]): r for k, r in suites.items()}
+
+
 def saved_results(path):
-    """eval.json beside the weights: dict(ckpt, mode, suites={name: evaluate's result}), or {}."""
-    return read_json(os.path.join(weights_dir(path), "eval.json"))
+    """eval.json beside the weights: dict(ckpt, mode, suites={filed_as(name, n): evaluate's result}), or {}."""
+    out = os.path.join(weights_dir(path), "eval.json")
+    return dict(read_json(out), suites=stored_suites(out)) if os.path.isfile(out) else {}
 
 
 def save_eval(path, mode, suites, out=None):
-    """Add results to eval.json (default: beside the weights at path): the one writer of its schema, used by the
-    trainer and by this file."""
+    """Add results ({suite name: evaluate's result}) to eval.json (default: beside the weights at path), each under
+    filed_as(name, its n): the one writer of its schema, used by the trainer and by this file."""
     out = out or os.path.join(weights_dir(path), "eval.json")
-    write_json(dict(ckpt=path, mode=mode, suites={**read_json(out).get("suites", {}), **suites}), out)
+    new = {filed_as(name, r["n"], r.get("reward")): r for name, r in suites.items()}
+    write_json(dict(ckpt=path, mode=mode, suites={**stored_suites(out), **new}), out)
+
+
+def find_result(results, name, n=None, reward_fn=data.reward):
+    """The result in `results` (stored_suites' keys) on the samples suite(name, n) draws, scored by reward_fn, or
+    None."""
+    count = len(suite(name, n)) if name.endswith((".json", ".jsonl")) else n or EVAL_N
+    return results.get(filed_as(name, count, reward_label(reward_fn)))
 
 
 def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16, max_new_tokens=64,
-                    maps=0, maps_dir=None):
+                    maps=0, maps_dir=None, reward_fn=data.reward):
     results = {}
     for name in tqdm(names, desc="suites", disable=len(names) < 2):
         samples = suite(name, n=n)
-        results[name] = evaluate(model, processor, samples, mode, batch_size, max_new_tokens, desc=name)
+        results[name] = evaluate(model, processor, samples, mode, batch_size, max_new_tokens, desc=name,
+                                 reward_fn=reward_fn)
         for i, sample in enumerate(samples[:maps]):
             if sample.get("image") is not None or sample.get("video") is not None:
                 out = os.path.join(maps_dir, f"{os.path.basename(name)}-{i}.png")
@@ -430,15 +510,16 @@ def write_json(obj, path):
 def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
-    results = saved_results(path).get("suites", {})
-    missing = [s for s in names if s not in results or (n and results[s]["n"] != n and not s.endswith("json"))]
+    saved = saved_results(path).get("suites", {})
+    results = {s: find_result(saved, s, n, kw.get("reward_fn", data.reward)) for s in names}
+    missing = [s for s, r in results.items() if r is None]
     if missing:
         mode = mode or run_mode(path)
         kw = dict(kw, max_new_tokens=kw.get("max_new_tokens") or response_tokens(path, mode))
         model, processor = load_model(path, device)
         results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
-        save_eval(path, mode, results)
-    return {s: results[s] for s in names}
+        save_eval(path, mode, {s: results[s] for s in missing})
+    return results
 
 
 def method_name(path):
@@ -472,12 +553,14 @@ def compare(paths, names, metric="accuracy", **kw):
 def table(results):
     """One checkpoint: a row per suite."""
     fmt = lambda v, ci: f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    lines = ["| suite | n | accuracy % [95% CI] | format % [95% CI] | grounding |", "|---|---|---|---|---|"]
+    lines = ["| suite | n | accuracy % [95% CI] | format % [95% CI] | grounding (rows that choose the answer) | "
+             "grounding (all response rows) |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         g = "–" if r["grounding"] is None else f"{r['grounding']:.3f}" + (
             f" (uniform {r['grounding_chance']:.3f})" if r.get("grounding_chance") is not None else "")
+        every = "–" if r.get("grounding_all_rows") is None else f"{r['grounding_all_rows']:.3f}"
         lines.append(f"| {name} | {r['n']} | {fmt(r['accuracy'], r['accuracy_ci'])} | "
-                     f"{fmt(r['format'], r['format_ci'])} | {g} |")
+                     f"{fmt(r['format'], r['format_ci'])} | {g} | {every} |")
     return "\n".join(lines)
 
 
@@ -502,13 +585,17 @@ def main(argv=None):
     ap.add_argument("--metric", default="accuracy", choices=["accuracy", "format", "grounding"])
     ap.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval.json for a folder)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reward", default="", help="module:function (or file.py:function) scoring the responses, as "
+                                                  "ral.py's --reward (default: data.reward)")
     args = ap.parse_args(argv)
-    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     problems = [suite_problem(name) for name in args.suite or []]   # fail now, not after a model has loaded
     if any(problems):
         fail(next(filter(None, problems)))
+    kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              reward_fn=import_function(args.reward) if args.reward else data.reward)
     if args.compare:
-        names = args.suite or sorted({s for p in args.compare for s in saved_results(p).get("suites", {})}) or SUITES
+        names = args.suite or sorted({suite_of(k) for p in args.compare for k in saved_results(p).get("suites", {})
+                                      }) or SUITES
         print(compare(args.compare, names, args.metric, n=args.n, device=args.device, mode=args.mode, **kw))
         return
     names = args.suite or SUITES

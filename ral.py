@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 import eval as evaluation
 import tasks
-from cli import UsageError, cli, parse
+from cli import UsageError, cli, import_function, parse
 from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
@@ -168,7 +168,10 @@ OPTIONS = dict(   # name: (default, meaning)
     epochs=(1, "passes over each rollout; mini_batches * epochs >= 2, else RAL == GRPO (METHOD.md, Eq. 3)"),
     micro_batch=(0, "sequences per forward, to bound memory (RL and SFT); 0 = a whole mini-batch slice of a group "
                     "(SFT: a rank's whole batch)"),
-    eval_n=(256, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole file)"),
+    reward=("", "a reward of your own, 'module:function' (reward_fn(text, sample, mode) -> dict(reward, accuracy, "
+                "format)): RL, the SFT stop and the evaluations all score with it; '' = data.reward"),
+    eval_n=(evaluation.EVAL_N, "held-out samples (0: none from the offline suite; with --eval_file, 0 = the whole "
+                               "file); eval.py's EVAL_N, so eval.py scores the same ones"),
     eval_every=(0, "evaluate every this many RL steps (0: only before and after)"),
     ckpt_every=(20, "checkpoint every this many RL steps (and at the end)"),
     sft_ckpt_every=(100, "checkpoint SFT every this many steps into <warm start>.partial (0: never); a run that "
@@ -405,11 +408,15 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     """Sum the rollout's and every optimizer step's sums over ranks, then divide: per response, per rollout token,
     per update token, per group, per optimizer step; the loss by the steps' normalizers (the mean over steps,
     weighted by them: for --loss_agg=token, per update token). `per_token`: extra update-token means (distill.py's
-    terms)."""
+    terms). attn_jsd is the mean over all the rollout's optimizer steps; attn_jsd_step1, attn_jsd_step2, ... are
+    each step's own (step 1 runs at the rollout weights, where the JSD and its gradient are 0: METHOD.md, Eq. 3)."""
     sums = dict(rollout_stats)
-    for record in update_records:
+    for i, record in enumerate(update_records):
         for k, v in record.items():
             sums[k] = sums.get(k, 0.0) + v
+        if "attn_jsd" in record:   # the attention term per optimizer step of the rollout: the first is at the
+            sums[f"attn_jsd_step{i + 1}"] = record["attn_jsd"]               # rollout weights, where it is 0
+            sums[f"update_tokens_step{i + 1}"] = record["update_tokens"]
     keys = sorted(sums)
     totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     if world > 1:
@@ -420,6 +427,8 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     out.update({k: t[k] / t["tokens"] for k in PER_ROLLOUT_TOKEN})
     # max(., 1): a step whose every response left the loss (--mask_truncated) has no update token
     out.update({k: t[k] / max(t["update_tokens"], 1.0) for k in PER_UPDATE_TOKEN + tuple(per_token)})
+    out.update({f"attn_jsd_step{i}": t[f"attn_jsd_step{i}"] / max(t[f"update_tokens_step{i}"], 1.0)
+                for i in range(1, len(update_records) + 1) if f"attn_jsd_step{i}" in t})
     out["loss"] = t["loss"] / max(t["norm"], 1.0)
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
     return out
@@ -632,12 +641,13 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
 
 def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
+    reward_fn = import_function(cfg["reward"]) if cfg["reward"] else reward_fn
     rank, world, device = setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
         print(plan(cfg, suite))
-    start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world)
+    start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world, reward_fn)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
                  rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"], cfg["clip_eps_high"]),

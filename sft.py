@@ -10,6 +10,7 @@ ral.py runs it before RL; the options are ral.py's (sft_*). A warm start is a fu
 that finds one reuses it, and one that finds a partial SFT checkpoint of its recipe continues it exactly.
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import transformers
 from tqdm import tqdm
 
 import data
@@ -32,10 +34,10 @@ from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, w
 VAL_SEED = 20_000     # the early stop's validation draws: neither the held-out seed nor the streams' (data.py)
 
 
-def sampled_accuracy(model, processor, samples, cfg, mode, check):
+def sampled_accuracy(model, processor, samples, cfg, mode, check, reward_fn=data.reward):
     """Accuracy of one response per sample drawn as RL draws them (temperature, seeded per sample and check). The
     greedy accuracy of a half-trained model can sit far above what it samples (a flat answer distribution whose
-    argmax happens to be right), and RL learns from what it samples."""
+    argmax happens to be right), and RL learns from what it samples. reward_fn scores, as in RL."""
     hits = []
     for i in range(0, len(samples), 16):
         chunk = samples[i:i + 16]
@@ -44,15 +46,15 @@ def sampled_accuracy(model, processor, samples, cfg, mode, check):
         response, _ = generate(model, processor, to_device(batch, model.device), cfg["max_new_tokens"],
                                cfg["temperature"], seeds=seeds)
         texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
-        hits += [data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
+        hits += [reward_fn(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
     return sum(hits) / len(hits)
 
 
-def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None):
+def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None, reward_fn=data.reward):
     """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
     sft_stop, ends at the first validation check that samples at least that accuracy. Returns the log of checks.
     ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
-    model already holds its weights)."""
+    model already holds its weights). reward_fn scores the stop's samples."""
     tok = processor.tokenizer
     params = [w for w in model.parameters() if w.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
@@ -70,7 +72,7 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     for step in bar:
         if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
             raw.eval()
-            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step)
+            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step, reward_fn)
             raw.train()
             log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
             if accuracy >= cfg["sft_stop"]:
@@ -107,7 +109,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
         bar.set_postfix(loss=f"{loss:.3f}")
         if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < cfg["sft_steps"]:
             save_checkpoint(ckpt, raw, processor, opt, dict(stage="sft", step=step + 1, sampler=g.get_state(),
-                                                            log=json.dumps(log), recipe=json.dumps(warm_recipe(cfg))),
+                                                            log=json.dumps(log),
+                                                            recipe=json.dumps(warm_recipe(cfg, reward_fn))),
                             rank)
     if rank == 0 and cfg["sft_stop"]:
         stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
@@ -116,15 +119,43 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     return log
 
 
-# Every option that changes what SFT produces; with the task's own options (tasks.TASKS) and the data file's
-# content, they name the warm start.
+# Every option that changes what SFT produces; with the task's own options (tasks.TASKS), the data file's
+# content and the code (code_hash), they name the warm start.
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
              "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
 STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
-def warm_recipe(cfg):
+# The code SFT's result depends on: the offline tasks (tasks.py), data sets, prompts and batches (data.py), the model
+# and its forward (model.py), SFT itself (this file), autocast and the DDP/FSDP wrapper (scale.py). An edit to any of them, or another torch or
+# transformers, names another warm start: a stale one is never reused. Whole files, not single functions: an
+# edit that cannot change SFT (a docstring, the JSONL loader) costs one SFT run, a missed dependency would cost
+# a silently wrong warm start.
+CODE_FILES = ("tasks.py", "data.py", "model.py", "sft.py", "scale.py")
+
+
+def code_hash(files=CODE_FILES, root=os.path.dirname(os.path.abspath(__file__))):
+    h = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for name in files:
+        with open(os.path.join(root, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
+def reward_name(reward_fn):
+    """A custom reward as the recipe names it: module.function and, where Python can read it, its source's hash."""
+    try:
+        source = hashlib.sha256(inspect.getsource(reward_fn).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        source = "no source"
+    return f"{reward_fn.__module__}.{reward_fn.__qualname__} ({source})"
+
+
+def warm_recipe(cfg, reward_fn=data.reward):
     recipe = {k: cfg[k] for k in WARM_KEYS + (STOP_KEYS if cfg["sft_stop"] else ())}
+    recipe["code_sha256"] = code_hash()
+    if cfg["sft_stop"] and reward_fn is not data.reward:   # the stop scores its samples with it
+        recipe["reward"] = reward_name(reward_fn)
     recipe.update(tasks.task_options(cfg["task"], cfg))
     if not tasks.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
         recipe["train_size"] = cfg["train_size"]
@@ -143,14 +174,14 @@ def warm_path(cfg, recipe):
                         f"warm-{base}-{'zero' if cfg['zero'] else 'think'}-sft{cfg['sft_steps']}-s{cfg['seed']}-{key}")
 
 
-def warm_start(cfg, sft_samples, mode, device, rank, world):
+def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.reward):
     """The RL starting point, as a folder: the SFT checkpoint of this recipe if it exists, else build or load the
     model, run SFT (sft_steps > 0) and save it there with its recipe. A real checkpoint with sft_steps=0 is used
     as it is. SFT checkpoints into path.partial (no config.json at path until SFT is done) and continues from one
     of the same recipe by itself: SFT is a function of its recipe, so continuing gives what starting over would."""
     if cfg["init_from"] != "tiny" and cfg["sft_steps"] == 0:
         return cfg["init_from"]
-    recipe = warm_recipe(cfg)
+    recipe = warm_recipe(cfg, reward_fn)
     path = cfg["warm_dir"] or warm_path(cfg, recipe)
     if os.path.exists(os.path.join(path, "config.json")):
         saved = evaluation.read_json(os.path.join(path, "recipe.json"))
@@ -179,7 +210,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world):
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))
         model = wrap(model, cfg, world, device)
-        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world, partial, state)
+        log = sft(model, processor, sft_samples, cfg, mode, device, rank, world, partial, state, reward_fn)
         model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
     save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
     if rank == 0:

@@ -115,7 +115,8 @@ def report(rows, out_dir, command):
     the paired difference to the setting's baseline (grpo, or kd), and grounding before and after vs uniform."""
     lines = [f"# Study report\n\nMade by `{command}`; every number is the mean over seeds ± the half-width of its 95% t "
              "interval, from the runs' results.json (held-out accuracy in %, greedy; grounding: the share of the "
-             "answer's attention on visual tokens that lands on the target's tokens).\n",
+             "visual attention of the rows that choose the answer that lands on the target's tokens, "
+             "docs/METHOD.md).\n",
              "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) | grounding before "
              "-> after (uniform) |", "|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["part"], r["setting"], r["method"]) for r in rows))

@@ -172,7 +172,7 @@ def test_eval_and_distill_on_hub_folders(hub, runs, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "generate", lambda *a, **kw: asked.append(a[3]) or generate(*a, **kw))
     evaluation.main(["--ckpt", str(runs / "fsdp"), "--suite", "search-16", "--n", "2"])
     saved = json.load(open(runs / "fsdp" / "ckpt" / "eval.json"))
-    assert saved["mode"] == "think" and saved["suites"]["search-16"]["n"] == 2 and set(asked) == {4}
+    assert saved["mode"] == "think" and saved["suites"]["search-16 n=2"]["n"] == 2 and set(asked) == {4}
     monkeypatch.undo()
     out = tmp_path / "distill"
     distill.main([f"--teacher={hub[0]}", f"--init_from={hub[1]}", f"--out_dir={out}", "--zero=False", "--sft_steps=0",
@@ -248,4 +248,5 @@ def test_the_7b_preset_on_the_hub_folder_evaluates_its_eval_file(hub, tmp_path):
                         "--fsdp=False", "--sft_steps=0", "--rl_steps=1", "--prompts_per_step=1", "--group_size=4",
                         "--max_new_tokens=4", f"--train_file={path}", f"--eval_file={path}"], reward_fn=spread_reward)
     assert results["before_rl"]["n"] == results["after_rl"]["n"] == 3
-    assert json.load(open(tmp_path / "run" / "ckpt" / "eval.json"))["suites"][path]["n"] == 3
+    saved = json.load(open(tmp_path / "run" / "ckpt" / "eval.json"))["suites"]   # filed by n and reward
+    assert saved[f"{path} n=3 reward=helpers.spread_reward"]["n"] == 3

@@ -109,6 +109,26 @@ def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
     assert os.path.dirname(base) == str(tmp_path)
 
 
+def test_warm_start_is_named_by_its_code(tmp_path):
+    """An edit to a file SFT depends on (sft.CODE_FILES) names another warm start; other files do not matter."""
+    for name in (*sft.CODE_FILES, "eval.py"):
+        (tmp_path / name).write_text(open(os.path.join(ROOT, name)).read())
+    before = sft.code_hash(root=str(tmp_path))
+    assert before == sft.code_hash(root=str(tmp_path)) and sft.code_hash() == sft.code_hash(root=ROOT)
+    (tmp_path / "eval.py").write_text("# edited\n")
+    assert sft.code_hash(root=str(tmp_path)) == before
+    for name in sft.CODE_FILES:
+        edited = tmp_path / name
+        kept = edited.read_text()
+        edited.write_text(kept + "\n# edited\n")
+        assert sft.code_hash(root=str(tmp_path)) != before, name
+        edited.write_text(kept)
+    cfg = ral.configure([f"--out_dir={tmp_path / 'run'}"])
+    recipe = sft.warm_recipe(cfg)
+    assert recipe["code_sha256"] == sft.code_hash()
+    assert sft.warm_path(cfg, dict(recipe, code_sha256=before[::-1])) != sft.warm_path(cfg, recipe)
+
+
 def test_reused_warm_start_says_which_and_why(tmp_path, capsys):
     cfg = ral.configure([f"--out_dir={tmp_path / 'run'}", *SMALL])
     first = sft.warm_start(cfg, [], "think", "cpu", 0, 1)

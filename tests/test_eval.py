@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
@@ -86,14 +87,59 @@ def test_mean_rows_averages_only_real_tokens():
     assert out.shape == (1, 4) and torch.allclose(out, torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
 
 
-def test_answer_rows_select_the_answer_span():
+def test_answer_span_rows_are_the_old_span():
     _, processor = policy.build_tiny()
     tok = processor.tokenizer
     ids = tok("<think>look</think><answer>B</answer>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     response, mask = torch.tensor(ids), torch.ones(len(ids), dtype=torch.long)
-    rows = ev.answer_rows(tok, response, mask)
+    rows = ev.answer_span_rows(tok, response, mask)
     picked = tok.decode([i for i, r in zip(ids, rows) if r])
-    assert picked.startswith("B") and "think" not in picked and 0 < rows.sum() < len(ids)
+    assert picked == "B</answer>" and 0 < rows.sum() < len(ids)     # after the answer was chosen
+    no_tags = torch.tensor(tok("look left", add_special_tokens=False)["input_ids"])
+    assert torch.equal(ev.answer_span_rows(tok, no_tags, torch.ones_like(no_tags)), torch.ones_like(no_tags))
+
+
+def hand_built(tok, pieces, pad=2):
+    """A response written token by token (each piece one token of the tiny tokenizer), EOS, then padding."""
+    ids = [tok.convert_tokens_to_ids(piece) for piece in pieces] + [tok.eos_token_id]
+    assert tok.decode(ids[:-1]) == "".join(pieces)
+    return torch.tensor(ids + [tok.pad_token_id] * pad), torch.tensor([1] * len(ids) + [0] * pad)
+
+
+def test_grounding_counts_the_row_that_predicts_the_answer():
+    """<answer>C</answer>: C is response token 3, and the row that chose it is row 2, the query at the opening
+    tag's '>' (row k's query predicts token k + 1). Each row of a hand-built p looks at one key of its own, so the
+    grounding of each selection says which rows it averaged."""
+    _, processor = policy.build_tiny()
+    tok = processor.tokenizer
+    response, mask = hand_built(tok, ["<", "answer", ">", "C", "</", "answer", ">"])
+    assert ev.answer_tokens(tok, response, mask).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    assert ev.answer_rows(tok, response, mask).tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert ev.answer_span_rows(tok, response, mask).tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
+    # p over a prompt of 10 visual keys: row k puts all its mass on key k; the star covers key 2 only
+    R, P = len(response), 10
+    p = torch.zeros(1, R, P + R)
+    for k in range(R):
+        p[0, k, k] = 1.0
+    visual, target = torch.ones(1, P, dtype=torch.bool), torch.zeros(1, P, dtype=torch.bool)
+    target[0, 2] = True
+    score = lambda rows: ev.grounding_scores(ev.mean_rows(p, rows[None], P), visual, target)[0]
+    assert score(ev.answer_rows(tok, response, mask)) == 1.0                     # only the row that chose C
+    assert score(ev.answer_span_rows(tok, response, mask)) == 0.0                 # rows 3-6: keys 3-6
+    assert score(mask) == pytest.approx(1 / 8)                                    # 8 real rows, one of them row 2
+
+
+def test_answer_rows_of_a_longer_answer_and_without_one():
+    _, processor = policy.build_tiny()
+    tok = processor.tokenizer
+    ids = tok("<think>look</think><answer>C. red</answer>", add_special_tokens=False)["input_ids"]
+    response, mask = torch.tensor(ids), torch.ones(len(ids), dtype=torch.long)
+    tokens, rows = ev.answer_tokens(tok, response, mask), ev.answer_rows(tok, response, mask)
+    assert tok.decode([i for i, t in zip(ids, tokens) if t]) == "C. red"
+    assert rows.tolist() == tokens.tolist()[1:] + [0]                             # each one row earlier
+    assert tok.decode([i for i, r in zip(ids, rows) if r]).startswith(">")        # the first: '>' chose C
+    unclosed = torch.tensor(tok("<answer>B", add_special_tokens=False)["input_ids"])
+    assert ev.answer_tokens(tok, unclosed, torch.ones_like(unclosed)).tolist()[-1] == 1
     no_tags = torch.tensor(tok("look left", add_special_tokens=False)["input_ids"])
     assert torch.equal(ev.answer_rows(tok, no_tags, torch.ones_like(no_tags)), torch.ones_like(no_tags))
 
@@ -138,7 +184,7 @@ def test_compare_groups_seeds_into_mean_and_t_interval(tmp_path):
     for name, acc in runs.items():
         ev.write_json(dict(mode="think", suites={"search-64": fake_result(acc)}), str(tmp_path / name / "eval.json"))
     paths = [str(tmp_path / name) for name in runs]
-    text = ev.compare(paths, ["search-64"])
+    text = ev.compare(paths, ["search-64"], n=64)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()[2:]}
     assert list(rows) == ["grpo", "ral", "base"]
     assert rows["grpo"] == ["2", f"62.5 ± {100 * 12.706 * 0.125:.1f}"]          # sd 0.1768, se 0.125, t(1)
@@ -162,8 +208,8 @@ def test_reads_the_trainers_run_folder(tmp_path):
     ev.save_eval(str(run / "ckpt"), "zero", {ev.tasks.suite_name("search", dict(task_tokens=256)): fake_result(0.5, n=128)})
     assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
     saved = ev.saved_results(str(run))
-    assert saved["suites"]["search-256"]["n"] == 128
-    assert ev.compare([str(run)], ["search-256"]).splitlines()[2].startswith("| ral-zero | 1 | 50.0 ± ")
+    assert saved["suites"]["search-256 n=128"]["n"] == 128
+    assert ev.compare([str(run)], ["search-256"], n=128).splitlines()[2].startswith("| ral-zero | 1 | 50.0 ± ")
 
 
 @pytest.mark.parametrize("bad", ["serch-64", "search-", "search-8x4", "video-x16", "video-8x"])
@@ -224,7 +270,7 @@ def test_evaluate_tiny_model_reports_grounding(tiny):
     model.eval()
     assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
     # the target covers a few of the 16 cells; a random model spreads its attention: a share strictly inside (0, 1)
-    assert 0 < r["grounding"] < 1 and 0 < r["grounding_chance"] < 1
+    assert all(0 < r[key] < 1 for key in ev.GROUNDING_ROWS) and 0 < r["grounding_chance"] < 1
 
 
 def test_heatmap_has_the_image_size(tiny, tmp_path):
@@ -263,7 +309,7 @@ def test_jsonl_benchmark_end_to_end(tmp_path, capsys):
     assert len(samples) == 8 and ev.evaluate(None, None, samples, responder=oracle("think"))["accuracy"] == 1.0
     out = str(tmp_path / "result.json")
     ev.main(["--ckpt", "tiny", "--suite", path, "--out", out, "--max_new_tokens", "8", "--batch_size", "3"])
-    result = json.load(open(out))["suites"][path]
+    result = json.load(open(out))["suites"][f"{path} n=8"]
     assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and result["grounding"] is None  # no targets
     assert f"| {path} | 8 |" in capsys.readouterr().out
 
@@ -277,7 +323,7 @@ def test_compare_evaluates_checkpoints_without_eval_json(tiny, tmp_path, capsys)
     ev.main(["--compare", *runs, "--suite", "search-16", "--n", "4", "--max_new_tokens", "8"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "| method | seeds | search-16 |" and lines[2].startswith("| grpo | 2 | ")
-    saved = [json.load(open(os.path.join(r, "eval.json")))["suites"]["search-16"] for r in runs]
+    saved = [json.load(open(os.path.join(r, "eval.json")))["suites"]["search-16 n=4"] for r in runs]
     assert saved[0] == saved[1]  # same weights, greedy decoding: the same result; eval.json cached for next time
 
 
@@ -340,14 +386,23 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
         assert got["n"] == 7
         for key in ("accuracy", "format", "accuracy_ci"):
             assert got[key] == alone[key], key
-        assert got["grounding"] == pytest.approx(alone["grounding"], abs=1e-6)
+        for key in ev.GROUNDING_ROWS:
+            assert got[key] == pytest.approx(alone[key], abs=1e-6), key
 
 
-def test_attention_figure_before_and_after(tmp_path):
-    """Two runs side by side on one sample: a PNG of the figure's size, with the star's box drawn in cyan."""
+def test_attention_figure_before_and_after(tmp_path, monkeypatch):
+    """Two runs side by side on one sample: a PNG of the figure's size, with the star's box drawn in cyan; each
+    title names the model's own answer and the gold one."""
     sample = ev.suite("search-64", n=1)[0]
     runs = [(name, *policy.build_tiny(seed=seed)) for name, seed in (("before RL", 0), ("after RL", 1))]
+    titles, set_title = [], matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda ax, text, **kw: titles.append(text) or
+                        set_title(ax, text, **kw))
     path = ev.attention_figure(sample, runs, str(tmp_path / "fig.png"), max_new_tokens=6)
+    for (name, model, processor), title in zip(runs, titles):
+        said = ev.data.extract_answer(ev.answer_attention(model, processor, sample, max_new_tokens=6)["text"])
+        assert title.startswith(f"{name}: answered {'nothing' if said is None else repr(said)}, gold "
+                                f"{sample['answer']} (")
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert img.shape[:2] == (520, 840)
     cyan = (img[..., 0] < 60) & (img[..., 1] > 200) & (img[..., 2] > 200)
@@ -385,3 +440,30 @@ def test_a_missing_suite_file_is_one_line_before_any_model_loads(capsys, monkeyp
         assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
     with pytest.raises(ValueError, match="no such file"):
         ev.suite("missing.jsonl")
+
+
+def test_eval_json_keeps_the_trainers_result(tiny, tmp_path):
+    """The trainer files its held-out result (n = eval_n); eval.py on another n files its own beside it, and a
+    later --compare at the trainer's n reads the trainer's result instead of one on other samples."""
+    model, processor = tiny
+    run = tmp_path / "ral-s0"
+    model.save_pretrained(run / "ckpt")
+    processor.save_pretrained(run / "ckpt")
+    ev.write_json(dict(task="search", task_tokens=16, zero=True, eval_file=""), str(run / "run_config.json"))
+    trainers = fake_result(0.625, n=8)                     # a value eval.py would not get: it must survive as it is
+    ev.save_eval(str(run / "ckpt"), "zero", {"search-16": trainers})
+    ev.main(["--ckpt", str(run), "--suite", "search-16", "--n", "4", "--max_new_tokens", "6"])
+    suites = ev.saved_results(str(run))["suites"]
+    assert suites["search-16 n=8"] == json.loads(json.dumps(trainers)) and suites["search-16 n=4"]["n"] == 4
+    assert "| ral | 1 | 62.5 ± " in ev.compare([str(run)], ["search-16"], n=8)
+
+
+def test_one_owner_of_the_held_out_draw(tmp_path):
+    """ral.py's eval_n is eval.py's EVAL_N, and both draw the same samples: eval.py's default re-scores the
+    trainer's held-out set, not another one."""
+    import ral
+    cfg = ral.configure([f"--out_dir={tmp_path / 'r'}"])
+    assert cfg["eval_n"] == ev.EVAL_N
+    _, _, held_out, name = ral.load_samples(cfg)
+    assert [s["id"] for s in held_out] == [s["id"] for s in ev.suite(name)]
+    assert [s["answer"] for s in held_out] == [s["answer"] for s in ev.suite(name)]

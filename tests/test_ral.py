@@ -36,6 +36,8 @@ def test_end_to_end_run(tmp_path):
         assert all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in r.values())
         assert 0 <= r["attn_visual"] <= 1 and 0 <= r["attn_target"] <= r["attn_visual"]
     assert rows[1]["attn_jsd"] > 0                          # the policy moved away from the rollout's attention
+    for r in rows:   # the first optimizer step of every rollout runs at the rollout weights: no attention term
+        assert r["attn_jsd_step1"] < 1e-10 < r["attn_jsd_step2"] and "attn_jsd_step3" not in r
     warm, = tmp_path.glob("warm-tiny4x128-zero-sft0-s0-*")
     start, end = params_of(str(warm)), params_of(os.path.join(out, "ckpt"))
     changed = [k for k in start if not torch.equal(start[k], end[k])]
@@ -71,6 +73,26 @@ def test_ral_equals_grpo_only_with_one_step_per_rollout(mini_batches):
     assert moved > 1e-3
     # measured: 4e-7 x moved with one step (float rounding of p vs p_old), 3e-4 x moved with two
     assert (gap < 1e-5 * moved) if mini_batches == 1 else (gap > 1e-5 * moved)
+
+
+def test_attention_term_is_logged_per_optimizer_step():
+    """metrics.jsonl's attn_jsd averages every optimizer step of a rollout; attn_jsd_step<k> is step k's own. Step 1
+    runs at the rollout weights, so its JSD (and its gradient) is 0; every later step has moved and sees one."""
+    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2)
+    model, processor = build_tiny(seed=1)
+    torch.manual_seed(0)
+    micro_batches, stats, _, _ = ral.rollout(model, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg,
+                                             "think", 0, 0, "cpu", spread_reward)
+    model.train()
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=1e-3)
+    records = ral.update(model, opt, micro_batches, ral.rl_loss(0.2, 0.0, 1.0), 2, 2, 1.0, world=1)
+    row = ral.reduce_stats(stats, records, 1, "cpu")
+    steps = [row[f"attn_jsd_step{k}"] for k in (1, 2, 3, 4)]
+    assert "attn_jsd_step5" not in row and steps[0] < 1e-10 and min(steps[1:]) > 1e-8
+    for k, r in enumerate(records):                                   # each step's own token mean
+        assert steps[k] == pytest.approx(r["attn_jsd"] / r["update_tokens"], rel=1e-12, abs=1e-15)
+    tokens = [r["update_tokens"] for r in records]                    # and attn_jsd their token-weighted mean
+    assert row["attn_jsd"] == pytest.approx(sum(s * t for s, t in zip(steps, tokens)) / sum(tokens), rel=1e-9)
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2, 3, 4])
@@ -342,3 +364,62 @@ def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
                        if w.requires_grad])
     moved = (finals[0] - start).abs().max()
     assert moved > 1e-3 and (finals[0] - finals[1]).abs().max() < 1e-4 * moved
+
+
+def test_video_sft_validates_on_video_samples(tmp_path, monkeypatch):
+    """The SFT early stop validates on the task's own samples (tasks.TASKS), not on search images."""
+    seen = []
+    monkeypatch.setattr(sft, "sampled_accuracy", lambda model, processor, samples, *args: seen.append(samples) or 1.0)
+    model, processor = build_tiny(layers=1, hidden=64, seed=0)
+    cfg = dict(ral.DEFAULTS, task="video", task_frames=2, task_tokens=16, sft_steps=3, sft_batch=1, sft_val_every=1,
+               sft_val_n=2, sft_size=2, train_size=2, out_dir=str(tmp_path / "run"))
+    samples = tasks.video_task(2, frames=2, folder=str(tmp_path / "videos"))
+    sft.sft(model, processor, samples, cfg, "zero", "cpu")
+    assert seen and all(s["video"] is not None and s.get("image") is None for s in seen[0])
+
+
+def test_a_custom_reward_reaches_the_sft_stop():
+    """sft's early stop scores its samples with the reward it is given: one that calls everything right stops SFT at
+    the first check, and sees the validation samples."""
+    seen = []
+
+    def always_right(text, sample, mode="think"):
+        seen.append(sample["id"])
+        return dict(reward=1.0, accuracy=1.0, format=1.0)
+
+    model, processor = build_tiny(layers=1, hidden=64, seed=0)
+    cfg = dict(ral.DEFAULTS, sft_steps=50, sft_batch=2, sft_val_every=2, sft_val_n=3, sft_size=0, task_tokens=16,
+               max_new_tokens=4)
+    log = sft.sft(model, processor, None, cfg, "zero", "cpu", reward_fn=always_right)
+    assert log == dict(steps=2, checks=[dict(step=2, sampled_accuracy=1.0)]) and len(seen) == 3
+    assert sft.warm_recipe(cfg, always_right) != sft.warm_recipe(cfg)     # another stop: another warm start
+
+
+REWARDS = """
+def always_right(text, sample, mode="think"):
+    return dict(reward=1.0, accuracy=1.0, format=1.0)
+"""
+
+
+def test_reward_option_reaches_sft_rl_and_eval(tmp_path, capsys):
+    """--reward=file.py:function is the one reward of a run (the SFT stop, RL, its evaluations) and of eval.py;
+    a wrong one is a one-line error before anything runs."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    spec = f"--reward={tmp_path / 'rewards.py'}:always_right"
+    out = tmp_path / "run"
+    results = ral.main([f"--out_dir={out}", *SMALL[1:], "--sft_steps=4", "--sft_batch=2", "--sft_val_every=2",
+                        "--sft_val_n=2", "--rl_steps=1", "--eval_n=3", spec])
+    warm, = tmp_path.glob("warm-*")
+    assert json.load(open(warm / "sft_log.json"))["steps"] == 2                   # stopped at the first check
+    assert results["before_rl"]["accuracy"] == results["after_rl"]["accuracy"] == 1.0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert rows[0]["accuracy"] == 1.0
+    suites = evaluation.saved_results(str(out))["suites"]
+    assert suites["search-16 n=3 reward=rewards.always_right"]["accuracy"] == 1.0
+    evaluation.main(["--ckpt", str(out), "--suite", "search-16", "--n", "2", "--max_new_tokens", "4",
+                     spec.replace("=", " ", 1).split()[0], spec.split("=", 1)[1]])
+    assert evaluation.saved_results(str(out))["suites"]["search-16 n=2 reward=rewards.always_right"]["accuracy"] == 1
+    for bad in ("nocolon", f"{tmp_path / 'rewards.py'}:missing", "no_such_module_xyz:f"):
+        with pytest.raises(ral.UsageError, match="--reward"):
+            ral.main([f"--out_dir={tmp_path / 'x'}", f"--reward={bad}"])
+    assert not (tmp_path / "x").exists()

@@ -57,7 +57,7 @@ def test_a_new_task_family_is_one_registry_entry(tmp_path, monkeypatch):
     assert asked and all(i.startswith("count-") for i in asked)                  # RL's prompts: the new family
     assert drawn and all(s["source"] == "count" for s in drawn)                 # SFT's early stop validates on it
     saved = evaluation.saved_results(str(out))["suites"]
-    assert list(saved) == ["count-16"] and saved["count-16"]["n"] == 4          # the held-out suite, by name
+    assert list(saved) == ["count-16 n=4"] and saved["count-16 n=4"]["n"] == 4  # the held-out suite, by name and n
     held_out = evaluation.suite("count-16", n=4)
     assert [s["id"] for s in held_out] == [f"count-{evaluation.EVAL_SEED}-{i}" for i in range(4)]
     assert "count-16" in [name for t in tasks.TASKS.values() for name in t["suites"]]
