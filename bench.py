@@ -475,7 +475,8 @@ def bench_memory_whole(gpus, presets=PRESETS):
         sequences = cfg["prompts_per_step"] // gpus * cfg["group_size"]            # a rank's rollout
         L, kv, d = text["num_hidden_layers"], text["num_key_value_heads"], H // text["num_attention_heads"]
         act = activation_memory(text, B, T, R, 2, cfg["grad_checkpointing"])
-        rows = dict(state=training_memory(model, gpus, fsdp=cfg["fsdp"])["total"],
+        state = training_memory(model, gpus, fsdp=cfg["fsdp"])
+        rows = dict(state=state["total"] - state["generation"],     # the gathered copy is generate_copy below
                     # FSDP2 keeps the root unit gathered from forward to backward, the head's bf16 gradient until
                     # the end of backward, one decoder layer prefetched beside the current one, and a layer's
                     # unsharded bf16 gradient with its fp32 copy for the reduce-scatter
@@ -484,7 +485,8 @@ def bench_memory_whole(gpus, presets=PRESETS):
                     # a step's rollout, kept for its update: p_old (fp32 B x R x T) and the cached visual embeddings
                     rollout_buffers=sequences * R * T * 4 + cfg["prompts_per_step"] // gpus * visual * H * 2,
                     **{f"act_{k}": v for k, v in act.items()},
-                    generate_copy=params * 2,       # every unit gathered once in bf16 for the whole generate
+                    # every unit gathered once in bf16 for the whole generate (the tower is a replica already)
+                    generate_copy=(params - visual_params) * 2,
                     kv_cache=L * 2 * sequences * kv * T * d * 2,
                     # no_grad prefill of the rank's sequences, one layer at a time: the hidden states, the norm's
                     # fp32 copy and the MLP's gate, up and their product
@@ -516,7 +518,7 @@ WHOLE_ROWS = (
     ("act_peak", "activation peak: the larger of the forward's end (held + logits working set) and a layer's "
                  "backward (+ layer inputs, mask): counted, tested"),
     ("update_peak", "**update peak**: state + in flight + rollout + activation peak"),
-    ("generate_copy", "rollout: the bf16 model gathered once for generate (parameters x 2 bytes): computed"),
+    ("generate_copy", "rollout: the bf16 LLM gathered once for generate (its parameters x 2 bytes): computed"),
     ("kv_cache", "rollout: KV cache of the rank's sequences (bf16): computed"),
     ("prefill", "rollout: prefill working set (one layer over the rank's sequences): computed"),
     ("generate_peak", "**generate peak**: state + gathered copy + KV cache + prefill + visual embeddings"),
@@ -572,13 +574,15 @@ def print_tables(results):
         print(f"| before / after | {r['speedup']['generate_s']:.2f} | | | {r['speedup']['step_s']:.2f} |")
     if "memory" in results:
         print("\n### Training state per GPU, before activations (GB = 1e9 bytes): fp32 master weights + fp32 "
-              "gradients + AdamW (fp32) + bf16 frozen vision tower + bf16 reference model\n")
-        print("| model | parameters | mode | GPUs | weights | gradients | AdamW | reference | total | state under 80 GB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "gradients + AdamW (fp32) + bf16 frozen vision tower (one replica per GPU, shared with the reference) + "
+              "bf16 reference LLM; under FSDP also the bf16 LLM gathered for generation\n")
+        print("| model | parameters | mode | GPUs | weights | gradients | AdamW | reference | generation | total | "
+              "state under 80 GB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results["memory"]:
             gb = lambda k: f"{r[k] / 1e9:.1f}"
             print(f"| {r['model']} | {r['params'] / 1e9:.2f} B | {r['mode']} | {r['gpus']} | {gb('weights')} | "
-                  f"{gb('gradients')} | {gb('optimizer')} | {gb('reference')} | {gb('total')} | "
+                  f"{gb('gradients')} | {gb('optimizer')} | {gb('reference')} | {gb('generation')} | {gb('total')} | "
                   f"{'yes' if r['total'] < 80e9 else 'no'} |")
     if "memory_whole" in results:
         presets = results["memory_whole"]

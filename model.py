@@ -166,19 +166,19 @@ def end_ids(model):
 
 def training_memory(model, world=1, fsdp=False, weight_bytes=4, reference=True, gathered_bytes=2):
     """Per-device bytes of the training state, before activations: trainable weights (fp32 master weights: 4
-    bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower (bf16), and the bf16
-    reference model. FSDP shards all of it over `world` devices; DDP keeps a full copy on each (its gradient
-    buckets are views of the gradients: gradient_as_bucket_view). Under FSDP, `generation` is the whole policy
-    that scale.gathered holds on every device through a rollout or an evaluation, in the dtype FSDP gathers
+    bytes), their gradients (same dtype), AdamW's two moments (fp32), the frozen vision tower and merger (bf16, one
+    replica per device in every mode, shared by the policy and the reference: scale.replicate_tower), and the bf16
+    reference LLM. FSDP shards all but the tower over `world` devices; DDP keeps a full copy on each (its gradient
+    buckets are views of the gradients: gradient_as_bucket_view). Under FSDP, `generation` is the whole LLM that
+    scale.gathered holds on every device through a rollout or an evaluation, in the dtype FSDP gathers
     (gathered_bytes: bf16 on GPU, the weights' own on CPU); DDP's replica is whole already. Works on a meta-device
     model (no weights)."""
     trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)
     frozen = sum(w.numel() for w in model.parameters() if not w.requires_grad)
     share = world if fsdp else 1
-    rows = dict(weights=trainable * weight_bytes + frozen * 2, gradients=trainable * weight_bytes,
-                optimizer=trainable * 8, reference=(trainable + frozen) * 2 if reference else 0)
-    rows = {k: v / share for k, v in rows.items()}
-    rows["generation"] = (trainable + frozen) * gathered_bytes if fsdp else 0
+    rows = dict(weights=trainable * weight_bytes / share + frozen * 2, gradients=trainable * weight_bytes / share,
+                optimizer=trainable * 8 / share, reference=trainable * 2 / share if reference else 0,
+                generation=trainable * gathered_bytes if fsdp else 0)
     return dict(rows, total=sum(rows.values()))
 
 

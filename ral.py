@@ -31,8 +31,8 @@ from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
     stop_ids, take_rows, to_device, token_entropy, with_responses
-from scale import compute, gathered, load_optimizer, memory_report, newest_checkpoint, save_checkpoint, \
-    setup_distributed, shard, wrap
+from scale import compute, gathered, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, \
+    save_checkpoint, setup_distributed, shard, wrap
 from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,8 +184,10 @@ OPTIONS = dict(   # name: (default, meaning)
     compute_dtype=("auto", "forward/backward compute: 'auto' (bf16 autocast on GPU, fp32 on CPU), 'bfloat16' (autocast"
                            " on CPU too), 'float32'; the attention policy is always float32"),
     grad_checkpointing=(False, "activation checkpointing in the decoder (less memory, more compute)"),
-    fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the vision tower, the root) under torchrun, for "
-                 "models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP (a full replica)"),
+    dist_timeout=(3600, "seconds a rank waits in a collective before the job fails (NCCL's default: 600); it must "
+                        "cover rank 0's longest lone work, gathering and writing a checkpoint (7B: ~94 GB)"),
+    fsdp=(False, "shard the policy with FSDP2 (each decoder layer, the root; the frozen vision tower stays a replica) "
+                 "under torchrun, for models whose replica does not fit; fp32 shards, bf16 compute on GPU. False: DDP"),
     resume=(False, "continue exactly from out_dir/ckpt (a run killed before its first RL checkpoint starts RL over;"
                    " SFT continues from its own checkpoint in any case)"),
     wandb_log=(False, "also log metrics to Weights & Biases (WANDB_MODE=offline works without network)"),
@@ -214,7 +216,8 @@ def check(cfg):
          f"--task_tokens must be a perfect square (a square image of 28 px tokens), got {cfg['task_tokens']}")
     need(1 <= cfg["mini_batches"] <= cfg["group_size"],
          f"--mini_batches must be between 1 and group_size={cfg['group_size']}: each takes a slice of every group")
-    for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every"):
+    for key in ("rl_steps", "prompts_per_step", "group_size", "max_new_tokens", "sft_batch", "epochs", "ckpt_every",
+                "dist_timeout"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
                 "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every"):
@@ -495,12 +498,19 @@ def trainer_state(cfg, start, rank, world, device):
     on from. Returns (model, processor, ref_model, train_model, optimizer, step, results, resumed)."""
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
     resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
-    model, processor = load(ckpt if resume else start, device, getattr(torch, cfg["dtype"]))
-    ref_model = load(start, device)[0].eval().requires_grad_(False) if cfg["beta"] > 0 else None   # bf16 on GPU
-    if ref_model is not None and cfg["fsdp"]:
-        shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
+    # under FSDP both load on the CPU and reach the device shard by shard (scale.shard): no full copy per device
+    place = "cpu" if cfg["fsdp"] else device
+    ref_model = None
+    if cfg["beta"] > 0:   # the frozen reference, bf16 on GPU
+        ref_model = load(start, place, torch.bfloat16 if device.startswith("cuda") else torch.float32)[0]
+        ref_model.eval().requires_grad_(False)
+        if cfg["fsdp"]:
+            shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
+    model, processor = load(ckpt if resume else start, place, getattr(torch, cfg["dtype"]))
+    if ref_model is not None:   # the same frozen tower (prepare): one replica per device, not two
+        model.model.visual = ref_model.model.visual
     if rank == 0:
-        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None))
+        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None, device=device))
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(dict(use_reentrant=False))
     train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
@@ -508,7 +518,7 @@ def trainer_state(cfg, start, rank, world, device):
                                   weight_decay=cfg["weight_decay"])
     step, results = 0, {}
     if resume:   # optimizer, rng, step and results from the checkpoint
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=device, weights_only=True)
+        state = load_trainer_state(ckpt, rank, cfg["fsdp"])
         load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         step, results = state["step"], json.loads(state["results"])

@@ -6,6 +6,7 @@ distill.py call these; on one CPU process each is a no-op or a plain save.
 import os
 import shutil
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -27,20 +28,24 @@ def compute(cfg, device):
     return torch.autocast(device.split(":")[0], torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
-def memory_report(model, world, fsdp=False, reference=True):
-    w = next(model.parameters())      # FSDP gathers in bf16 on GPU (wrap's policy), in the weights' dtype on CPU
-    m = training_memory(model, world, fsdp, w.element_size(), reference, 2 if w.is_cuda else w.element_size())
+def memory_report(model, world, fsdp=False, reference=True, device="cpu"):
+    w = next(w for w in model.parameters() if w.requires_grad)    # a master weight (not the bf16 tower's)
+    gathered_bytes = 2 if device.startswith("cuda") else w.element_size()    # FSDP gathers in bf16 on GPU (wrap)
+    m = training_memory(model, world, fsdp, w.element_size(), reference, gathered_bytes)
     return f"training state per device ({'FSDP' if fsdp else 'DDP' if world > 1 else 'one process'}, " \
            f"{world} device(s)): " + ", ".join(f"{k} {v / 2 ** 30:.2f} GiB" for k, v in m.items())
 
 
 def setup_distributed(cfg):
-    """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPU. Otherwise a single process."""
+    """torchrun sets RANK: then one process per device, gloo on CPU, nccl on GPU. Otherwise a single process.
+    A collective that waits longer than --dist_timeout seconds fails the job (NCCL's own default is 10 minutes):
+    the others wait that long for rank 0 to gather and write a checkpoint."""
     ddp = "RANK" in os.environ
     if cfg["fsdp"] and not ddp:
         raise UsageError("--fsdp=True shards over torchrun's ranks: torchrun --nproc_per_node=N ral.py ...")
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(seconds=cfg["dist_timeout"]))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if cfg["prompts_per_step"] % world:
         raise UsageError(f"--prompts_per_step={cfg['prompts_per_step']} must divide among {world} ranks")
@@ -54,11 +59,10 @@ def setup_distributed(cfg):
 
 def wrap(model, cfg, world, device):
     """The model as trained on `world` ranks: itself alone; DDP (a full replica per rank, gradients all-reduced) by
-    default; with --fsdp=True, FSDP2 in place: each decoder layer, the vision tower and the root (embeddings, norm,
-    head) become units whose fp32 weights, gradients and AdamW state are sharded over the ranks and gathered one
-    unit at a time for each forward and backward. The vision tower is its own unit so generate never mixes plain
-    tensors and shards. On GPU the gathered weights are bf16 and gradients reduce in fp32."""
+    default; with --fsdp=True, FSDP2 in place (shard). On GPU the gathered weights are bf16 and gradients reduce in
+    fp32. The frozen vision tower is a plain bf16 replica on GPU in every mode (replicate_tower)."""
     if not cfg["fsdp"]:
+        replicate_tower(model, device)
         # gradient_as_bucket_view: DDP's buckets are the gradients, not a second copy of them
         return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
     bf16 = device.startswith("cuda")
@@ -66,15 +70,29 @@ def wrap(model, cfg, world, device):
                                                             reduce_dtype=torch.float32 if bf16 else None))
 
 
+def replicate_tower(model, device):
+    """The frozen vision tower and merger as a plain replica on every rank, on the device, its weights bf16 on GPU
+    (the reference's dtype; its rotary inv_freq buffer stays fp32, as from_pretrained keeps it). Frozen, it needs no
+    gradients or optimizer state; sharded, it would be gathered once per call, and ranks whose micro-batches hold
+    different media (image + video: two calls, two images: one, text: none) would fall out of step."""
+    visual = model.model.visual.to(device)
+    if device.startswith("cuda"):
+        for w in visual.parameters():
+            w.data = w.data.to(torch.bfloat16)
+    return model
+
+
 def shard(model, world, device, policy=MixedPrecisionPolicy()):
-    """FSDP2 in place, unit by unit (wrap's policy; the frozen reference too: it needs no optimizer, and every
-    rank runs the same number of its forwards, so their all-gathers stay in step)."""
+    """FSDP2 in place: each decoder layer, then the root (embeddings, norm, head), become units whose weights are
+    sharded over the ranks and gathered one unit at a time, so every rank issues the same collectives whatever its
+    batch holds; the vision tower stays out (replicate_tower). Used for the frozen reference too (it needs no
+    optimizer, and every rank runs the same number of its forwards). A model loaded on the CPU reaches the device
+    unit by unit (fully_shard moves each unit's weights, then keeps only its shard): no full copy per device."""
+    replicate_tower(model, device)
     mesh = init_device_mesh(device.split(":")[0], (world,))
-    for unit in [model.model.visual, *model.model.language_model.layers, model]:
+    for unit in model.model.language_model.layers:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    # generate encodes images before the first root forward; FSDP must set up from the root (else: "already lazily
-    # initialized for model.visual"), and torch has no public call for that yet
-    model._get_fsdp_state()._lazy_init()
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(model.model.visual.parameters()))
     return model
 
 
@@ -146,8 +164,22 @@ def newest_checkpoint(path, rank=0, world=1):
     return path if os.path.exists(os.path.join(path, "trainer_state.pt")) else None
 
 
+def load_trainer_state(path, rank=0, fsdp=False):
+    """A checkpoint's trainer_state.pt on the CPU, memory-mapped: a tensor is read from the file only when used,
+    and none lands on a GPU whole (7B: its AdamW state is 61 GB). Under FSDP only rank 0 keeps the optimizer
+    state (load_optimizer sends each rank its shards); a DDP replica needs all of it."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", mmap=True, weights_only=True)
+    if fsdp and rank != 0:
+        state["optimizer"] = None
+    return state
+
+
 def load_optimizer(model, optimizer, saved, fsdp):
-    if fsdp:     # the full state dict rank 0 saved; each rank keeps its own shard of it
-        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    """The saved full optimizer state into the optimizer: under FSDP, rank 0's copy is broadcast one tensor at a
+    time and each rank keeps only its shard of it (the others pass None); otherwise loaded whole (moved to the
+    parameters' device)."""
+    if fsdp:
+        set_optimizer_state_dict(model, optimizer, saved or {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(saved)

@@ -29,7 +29,7 @@ from cli import UsageError
 from data import seed_for
 from tasks import offline_stream
 from model import append_responses, build_tiny, end_ids, generate, load, masked_sum, policy_forward, to_device
-from scale import compute, load_optimizer, newest_checkpoint, save_checkpoint, wrap
+from scale import compute, load_optimizer, load_trainer_state, newest_checkpoint, save_checkpoint, wrap
 
 VAL_SEED = 20_000     # the early stop's validation draws: neither the held-out seed nor the streams' (data.py)
 
@@ -193,19 +193,20 @@ def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.rewar
         return path
     partial, state = path + ".partial", None
     if cfg["sft_steps"] and newest_checkpoint(partial, rank, world):
-        state = torch.load(os.path.join(partial, "trainer_state.pt"), map_location=device, weights_only=True)
+        state = load_trainer_state(partial, rank, cfg["fsdp"])
         state = state if json.loads(state["recipe"]) == recipe else None      # another recipe's: start over
         if rank == 0:
             print(f"continuing SFT from {partial} at step {state['step']}" if state else f"ignoring {partial}: "
                   "another recipe's")
     dtype = torch.float32 if cfg["init_from"] == "tiny" else getattr(torch, cfg["dtype"])     # as build_tiny's
+    place = "cpu" if cfg["fsdp"] else device     # FSDP: to the device shard by shard (scale.shard)
     if state:
-        model, processor = load(partial, device, dtype)
+        model, processor = load(partial, place, dtype)
     elif cfg["init_from"] == "tiny":
         model, processor = build_tiny(layers=cfg["tiny_layers"], hidden=cfg["tiny_hidden"], seed=cfg["seed"])
-        model.to(device)
+        model.to(place)
     else:
-        model, processor = load(cfg["init_from"], device, dtype)
+        model, processor = load(cfg["init_from"], place, dtype)
     if cfg["sft_steps"]:
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))

@@ -23,7 +23,7 @@ clip_eps = 0.2
 mini_batches = 2                 # >= 2 optimizer steps per rollout, else the attention term has no gradient
 micro_batch = 2                  # sequences per forward; lower it for long videos
 grad_checkpointing = True
-# fp32 master weights + gradients + AdamW + the bf16 reference: 140 GB per GPU in DDP, 17.5 GB sharded over 8
+# fp32 master weights + gradients + AdamW + the bf16 reference: 138 GB per GPU in DDP, 18.5 GB sharded over 8
 # (python bench.py --what memory): the 7B trains only with FSDP2
 fsdp = True
 eval_n = 0                       # --eval_file: the whole file; without one, no evaluation
