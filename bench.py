@@ -629,7 +629,8 @@ def real_geometry_step(name="7B", layers=2, batch=2, seq=9344, rows=1024, device
     b = {k: v.to(device) for k, v in b.items()}
     z = lambda *s: torch.zeros(*s, device=device)
     mb = dict(old_logp=z(batch, rows), ref_logp=z(batch, rows), adv=torch.ones(batch, device=device),
-              mask=torch.ones(batch, rows, device=device), old_p=torch.full((batch, rows, seq), 1.0 / seq, device=device))
+              mask=torch.ones(batch, rows, device=device), weight=torch.ones(batch, rows, device=device),
+              old_p=torch.full((batch, rows, seq), 1.0 / seq, device=device))
     for w in model.parameters():
         w.grad = torch.zeros_like(w) if w.requires_grad else None
     cuda = device.startswith("cuda")
@@ -637,8 +638,10 @@ def real_geometry_step(name="7B", layers=2, batch=2, seq=9344, rows=1024, device
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
     base, t0, meter = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter(), LiveBytes()
     with torch.autocast(device.split(":")[0], torch.bfloat16), meter if not cuda else nullcontext():
-        logp, p = policy_forward(model, b, rows)
-        loss, _ = ral.rl_terms(logp, p, mb, torch.tensor(float(batch * rows), device=device), 0.2, 0.04, 1.0)
+        logp, p, logprobs = policy_forward(model, b, rows, full=True)         # as ral.rl_loss calls it
+        loss, _ = ral.rl_terms(logp, p, logprobs, mb, torch.tensor(float(batch * rows), device=device), 0.2, 0.04,
+                               1.0)
+        del logprobs
         loss.backward()
     if cuda:
         torch.cuda.synchronize()

@@ -51,7 +51,8 @@ OPTIONS = dict(
     rl_steps=(40, meaning("rl_steps")),
     lr=(1e-4, meaning("lr")),
 )
-STATS = ("rkl", "distill_jsd")   # per-token means added to metrics.jsonl
+STATS = dict(rkl="reverse KL to the teacher per update token",      # per-token means added to metrics.jsonl
+             distill_jsd="JSD to the teacher's attention per update token")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,20 +79,21 @@ def teacher_forward(teacher, mb, device):
     return logprobs.to(device, torch.float32), p.to(device, torch.float32)
 
 
-def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn, temperature=1.0):
-    """Eq. 6 as ral.update's `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`. Each term is summed over
-    response tokens and divided by the step's global token count, like Eq. 4's. The attention term has no
-    advantage and no p_old: its gradient is non-zero from the first step, unlike RAL's."""
-    def loss_fn(model, mb, n_tokens):
+def distill_loss(teacher, mu, gamma_attn, clip_eps, beta, lambda_attn, temperature=1.0, clip_eps_high=0.0):
+    """Eq. 6 as ral.update's `loss_fn(model, micro_batch, norm) -> (loss, stats)`. Each term is aggregated as Eq.
+    4's are (ral.loss_weights: by default summed over response tokens and divided by the step's global token
+    count). The attention term has no advantage and no p_old: its gradient is non-zero from the first step, unlike
+    RAL's."""
+    def loss_fn(model, mb, norm):
         logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=True, full=True,
                                            temperature=temperature)
-        loss, stats = ral.rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)   # L_RL (GRPO or RAL)
+        loss, stats = ral.rl_terms(logp, p, logprobs, mb, norm, clip_eps, beta, lambda_attn, clip_eps_high)  # L_RL
         t_logprobs, t_p = teacher_forward(teacher, mb, logp.device)
-        m = mb["mask"]
+        m, w = mb["mask"], mb["weight"]
         kl, d = reverse_kl(logprobs, t_logprobs), ral.jsd(p, t_p)
-        loss = loss + mu * masked_sum(kl, m) / n_tokens                  # + mu L_GKD: the KD baseline
+        loss = loss + mu * ral.aggregate(kl, w, norm)                    # + mu L_GKD: the KD baseline
         if gamma_attn > 0:
-            loss = loss + gamma_attn * masked_sum(d, m) / n_tokens       # + gamma L_AttnDistill (Eq. 5)
+            loss = loss + gamma_attn * ral.aggregate(d, w, norm)        # + gamma L_AttnDistill (Eq. 5)
         return loss, dict(stats, rkl=masked_sum(kl, m).item(), distill_jsd=masked_sum(d, m).item())
     return loss_fn
 
@@ -173,7 +175,7 @@ def main(argv, reward_fn=data.reward):
         print(f"teacher {teacher_path} ({teacher.config.text_config.num_hidden_layers} layers) -> student {start}")
     name = ("kd+attn" if cfg["gamma_attn"] > 0 else "kd") + ("-zero" if cfg["zero"] else "")
     loss_fn = distill_loss(teacher, cfg["mu"], cfg["gamma_attn"], cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"],
-                           cfg["temperature"])
+                           cfg["temperature"], cfg["clip_eps_high"])
     return ral.train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_fn, name, STATS,
                      reward_fn)
 

@@ -91,18 +91,27 @@ def mean_ci(values):
 # ----------------------------------------------------------------------------------------------------------------
 # Suites
 
+def suite_problem(name):
+    """Why `name` is not a suite (None if it is): a .json/.jsonl file that is not there, or an unknown name."""
+    if name.endswith((".json", ".jsonl")):
+        return None if os.path.isfile(name) else f"--suite: no such file: {name}"
+    if tasks.parse_suite(name) is None:
+        return (f"unknown suite {name!r}: use one of {', '.join(SUITES)} (or another size of a task in tasks.TASKS: "
+                f"{', '.join(tasks.TASKS)}) or a path to a .json/.jsonl file")
+    return None
+
+
 def suite(name, n=None, seed=None, folder=None):
     """An offline suite by name (tasks.suite_name: "search-<visual tokens>", "video-<frames>", any task of
     tasks.TASKS), drawn with the held-out eval seed, or a Video-R1 style .json/.jsonl benchmark (its first n samples
     if n is given). folder: where a suite's media files go (default: a temporary folder)."""
+    problem = suite_problem(name)
+    if problem:
+        raise ValueError(problem)
     if name.endswith((".json", ".jsonl")):
         samples = data.load_dataset(name)
         return samples[:n] if n else samples
-    parsed = tasks.parse_suite(name)
-    if parsed is None:
-        raise ValueError(f"unknown suite {name!r}: use one of {', '.join(SUITES)} (or another size of a task in "
-                         f"tasks.TASKS: {', '.join(tasks.TASKS)}) or a path to a .json/.jsonl file")
-    task, options = parsed
+    task, options = tasks.parse_suite(name)
     return tasks.TASKS[task]["make"](n or EVAL_N, EVAL_SEED if seed is None else seed, options, folder)
 
 
@@ -341,16 +350,45 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
     return dict(path=path, text=a["text"], grounding=a["grounding"])
 
 
-def plot_curves(metrics_path, png_path, keys):
-    """The trainer's metrics.jsonl as one picture of curves, one panel per metric (ral.METRICS and any extra)."""
+def smooth(y, width):
+    """Centered moving average over `width` points (fewer at the ends), so the first and last points stay put."""
+    y, half = np.asarray(y, dtype=float), width // 2
+    return np.array([y[max(0, i - half):i + half + 1].mean() for i in range(len(y))])
+
+
+def plot_curves(metrics_path, png_path, labels, results=None):
+    """The trainer's metrics.jsonl as one picture: a panel per metric (labels: name -> what it is, the y axis; ral.
+    METRICS and any extra) that the log has, each curve smoothed over a tenth of the run (3 steps at least), the raw
+    one faint beneath; on the accuracy panel, the held-out accuracy (greedy) before RL, at each evaluation and after
+    (results: results.json's dict; default: the results.json beside metrics.jsonl, if any). Returns the figure."""
     rows = [json.loads(line) for line in open(metrics_path)]
-    fig = Figure(figsize=(16, 3 * math.ceil(len(keys) / 4)))
-    for ax, k in zip(fig.subplots(math.ceil(len(keys) / 4), 4, squeeze=False).flat, keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
-        ax.set_title(k)
-        ax.set_xlabel("step")
+    results = read_json(os.path.join(os.path.dirname(metrics_path), "results.json")) if results is None else results
+    keys = [k for k in labels if any(k in r for r in rows)]
+    cols = min(4, len(keys))
+    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)))
+    axes = fig.subplots(math.ceil(len(keys) / cols), cols, squeeze=False).flat
+    steps = [r["step"] for r in rows]
+    for k, ax in zip(keys, axes):
+        y = [r.get(k, float("nan")) for r in rows]
+        ax.plot(steps, y, color="C0", alpha=0.25, linewidth=1)
+        ax.plot(steps, smooth(y, max(3, len(y) // 10) if len(y) >= 6 else 1), color="C0", linewidth=2)
+        ax.set_title(k, fontsize=10)
+        ax.set_ylabel(labels[k] or k, fontsize=8)
+        ax.set_xlabel("RL step")
+        if k == "accuracy":
+            held = [(0, r) for tag, r in results.items() if tag == "before_rl"] + \
+                   [(int(tag[5:]), r) for tag, r in results.items() if re.fullmatch(r"step_\d+", tag)] + \
+                   [(steps[-1], r) for tag, r in results.items() if tag == "after_rl"]
+            if held:
+                ax.plot(*zip(*[(x, r["accuracy"]) for x, r in sorted(held, key=lambda h: h[0])]), "o--", color="C3",
+                        label="held-out (greedy)")
+                ax.plot([], [], color="C0", label="rollouts (sampled)")
+                ax.legend(fontsize=7)
+    for ax in axes:   # the grid's unused panels
+        ax.remove()
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,6 +588,9 @@ def main(argv=None):
     ap.add_argument("--reward", default="", help="module:function (or file.py:function) scoring the responses, as "
                                                   "ral.py's --reward (default: data.reward)")
     args = ap.parse_args(argv)
+    problems = [suite_problem(name) for name in args.suite or []]   # fail now, not after a model has loaded
+    if any(problems):
+        fail(next(filter(None, problems)))
     kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
               reward_fn=import_function(args.reward) if args.reward else data.reward)
     if args.compare:

@@ -28,6 +28,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.masking_utils import sdpa_mask
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from cli import UsageError
+
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
 # Qwen2.5-VL's chat format, reduced to what the project uses (system/user/assistant, images and videos).
@@ -57,21 +59,33 @@ def load_processor(path):
 
 
 def check_source(name_or_path):
-    """Why name_or_path cannot be loaded, or None. A path that does not exist is named as such at once, instead of
-    being sent to the hub (where it waits on the network): a hub id is exactly "owner/name"."""
+    """Why name_or_path cannot be loaded, or None. The filesystem is asked first: a path that does not exist is
+    named as such at once, instead of being sent to the hub (where it waits on the network, then fails). Only a
+    name of the form "owner/name" whose "owner" is not a folder here is left to the hub."""
     if os.path.isdir(name_or_path):
         ok = os.path.isfile(os.path.join(name_or_path, "config.json"))
         return None if ok else f"{name_or_path} is a folder without config.json (not a save_pretrained checkpoint)"
-    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    return None if hub_id else f"no such folder: {name_or_path}"
+    if os.path.exists(name_or_path):
+        return f"{name_or_path} is a file, not a checkpoint folder"
+    parent = os.path.dirname(name_or_path)
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        return f"no such folder: {name_or_path}"
+    if os.path.isdir(parent):
+        return f"no such folder: {name_or_path} (the folder {parent}/ exists here, so it is not taken for a hub id)"
+    return None
 
 
 def load(name_or_path, device="cpu", dtype=None):
     """A Qwen2.5-VL checkpoint (hub id or folder), capture kernel on, vision frozen. dtype None: bf16 on GPU, fp32
-    on CPU (frozen models: reference, teacher, evaluation); the trainer asks for float32 master weights."""
+    on CPU (frozen models: reference, teacher, evaluation); the trainer asks for float32 master weights. A hub id
+    that cannot be fetched (not on the hub, no network, no cached copy) is a UsageError of one line."""
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
-    processor = load_processor(name_or_path)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype,
+                                                                   attn_implementation="sdpa")
+        processor = load_processor(name_or_path)
+    except OSError as e:   # transformers' message for a missing hub id or files: its first line says what
+        raise UsageError(f"cannot load {name_or_path}: {str(e).strip().splitlines()[0]}") from None
     return prepare(model.to(device), processor.tokenizer), processor
 
 
@@ -228,10 +242,17 @@ def attention_policy(query, key, attention_mask, rows, scaling):
     if attention_mask is not None:
         m = attention_mask[:, 0, T - rows:]
         allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
-    with torch.autocast(query.device.type, enabled=False):   # p is always float32, even under bf16 autocast
-        alpha = HeadMeanSoftmax.apply(query[:, :, T - rows:].float(), key.float(), allowed, scaling)  # head mean
+    # p in float32 even under bf16 autocast (in float64 for a float64 model)
+    with torch.autocast(query.device.type, enabled=False):
+        q, k = (at_least_float32(x) for x in (query[:, :, T - rows:], key))
+        alpha = HeadMeanSoftmax.apply(q, k, allowed, scaling)                   # head mean
     alpha = alpha.masked_fill(t[:, None] == torch.arange(T, device=query.device), 0.0)  # drop the weight on itself
     return alpha / alpha.sum(-1, keepdim=True)                                  # renormalize over keys < t
+
+
+def at_least_float32(x):
+    """x in float32, or as it is if it is float64 (a float64 model keeps its precision)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def head_softmax(q, k, allowed, scaling):
@@ -371,7 +392,7 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     (B x R x T); with full=True also the whole log-softmax over the vocabulary at each response position (B x R x V)."""
     with capturing() if attention else nullcontext() as c:
         out = model(**batch, logits_to_keep=response_len + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature          # position t-1 predicts token t
+    logits = at_least_float32(out.logits[:, :-1]) / temperature          # position t-1 predicts token t
     logits[..., suppressed_tokens(getattr(model, "module", model).config)] = float("-inf")   # DDP wraps the model
     targets = batch["input_ids"][:, -response_len:]
     logprobs = logits.log_softmax(-1)
@@ -380,19 +401,36 @@ def policy_forward(model, batch, response_len, attention=True, full=False, tempe
     return (logp, p, logprobs) if full else (logp, p)
 
 
+@torch.no_grad()
+def token_entropy(logprobs):
+    """The token policy's entropy at each position, -sum_v pi(v) log pi(v) over the vocabulary (B x R), from
+    policy_forward's log-softmax (B x R x V; suppressed tokens, log-prob -inf, add 0). For the log: no gradient,
+    one sequence at a time, so what it adds to memory is R x V, freed at once."""
+    return torch.stack([torch.special.entr(row.exp()).sum(-1) for row in logprobs])
+
+
 def sampling_config(model, max_new_tokens, tokenizer=None):
-    """Every setting generate uses, explicitly: greedy decoding over the scores with nothing else applied but the
-    suppressed tokens (no repetition penalty, no top-k/top-p/min-p); sampling is GumbelSampler's. The checkpoint's
-    own generation_config (Qwen2.5-VL Instruct ships a repetition penalty, top-k and top-p) would otherwise fill
-    what is left unset, and the rollout would not come from the distribution whose log-probs the ratio uses.
-    Generation stops at any of the model's end ids (end_ids) and the tokenizer's eos token."""
-    ends = end_ids(model) + [t for t in [getattr(tokenizer, "eos_token_id", None)] if t is not None]
+    """Every setting greedy decoding reads, explicitly: greedy search (not beams, not contrastive search) over the
+    scores with nothing applied but the suppressed tokens (no repetition penalty, n-gram ban or minimum length);
+    sampling is GumbelSampler's. generate fills each field left unset (None) from the checkpoint's own
+    generation_config (Qwen2.5-VL Instruct ships do_sample, a repetition penalty, top-k and top-p), and the rollout
+    would then not come from the distribution whose log-probs the ratio uses. Greedy decoding reads no sampling
+    flag, but temperature, top-k, top-p, typical-p and the cutoffs get transformers' own defaults (which it reads as
+    "off" and does not warn about) so that the checkpoint's values do not fill them; min_p and top_h, warned about
+    whatever their value, stay unset, as do the fields whose "off" is None (bad words, forced tokens). Generation
+    stops at any of stop_ids."""
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, renormalize_logits=False, suppress_tokens=suppressed_tokens(model.config),
-        begin_suppress_tokens=[], bad_words_ids=None, eos_token_id=list(dict.fromkeys(ends)),
-        pad_token_id=model.generation_config.pad_token_id)
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, penalty_alpha=0.0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, min_new_tokens=0, renormalize_logits=False,
+        suppress_tokens=suppressed_tokens(model.config), begin_suppress_tokens=[],
+        temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        eos_token_id=stop_ids(model, tokenizer), pad_token_id=model.generation_config.pad_token_id)
+
+
+def stop_ids(model, tokenizer=None):
+    """The ids a response ends at: the model's end ids (end_ids) and the tokenizer's eos token."""
+    ends = end_ids(model) + [t for t in [getattr(tokenizer, "eos_token_id", None)] if t is not None]
+    return list(dict.fromkeys(ends))
 
 
 class GumbelSampler(LogitsProcessor):

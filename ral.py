@@ -30,7 +30,7 @@ from cli import UsageError, cli, import_function, parse
 from data import epoch_prompts, seed_for
 from tasks import offline_stream
 from model import check_source, concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
-    set_attn_layer, take_rows, to_device, with_responses
+    set_attn_layer, stop_ids, take_rows, to_device, token_entropy, with_responses
 from scale import compute, gathered, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, \
     save_checkpoint, setup_distributed, shard, wrap
 from sft import warm_start
@@ -51,34 +51,62 @@ def jsd(p, q):
     return 0.5 * kl_to_m(p) + 0.5 * kl_to_m(q)
 
 
-def group_advantages(rewards, group_size, eps=1e-6):
-    """Eq. 8: A_i = (r_i - mean) / (std + eps) within each group of G consecutive responses. A group whose rewards
-    are all equal gets exactly zero (no spread, no signal)."""
+def group_advantages(rewards, group_size, eps=1e-6, scale=True):
+    """Eq. 8: A_i = (r_i - mean) / (std + eps) within each group of G consecutive responses; scale=False keeps
+    A_i = r_i - mean (Dr. GRPO: no division by the std). A group whose rewards are all equal gets exactly zero
+    (no spread, no signal)."""
     r = rewards.float().view(-1, group_size)
     spread = r.max(1, keepdim=True).values > r.min(1, keepdim=True).values
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + eps)
     return torch.where(spread, adv, 0.0).view(-1)
 
 
-def token_loss(logp, old_logp, ref_logp, adv, mask, n_tokens, clip_eps=0.2, beta=0.04):
-    """Eq. 1 as a loss: -clipped surrogate + beta * KL_k3(pi || ref), summed over response tokens and divided by
-    n_tokens, the response-token count of the whole optimizer step (so micro-batching does not change it).
-    Returns the loss and per-token stats (clip indicator, k3 KL) for logging."""
+def loss_weights(mask, loss_agg, max_new_tokens):
+    """How per-token terms become the loss (--loss_agg): each token's term is multiplied by its weight, summed over
+    the optimizer step's micro-batches and ranks, and divided by the step's sum of `norm` (update adds it up), so
+    micro-batching and the rank count do not change the objective. Returns (weight B x R, this micro-batch's norm):
+      token     mean over the step's response tokens (DAPO):  weight = mask,            norm = tokens
+      sequence  each response's token mean, then the mean
+                over the step's responses (GRPO):            weight = mask / |o_i|,     norm = responses
+      constant  sum / (max_new_tokens x responses) (Dr. GRPO): weight = mask,           norm = max_new_tokens x responses
+    A response with no token in the loss (--mask_truncated) counts in 'constant''s normalizer, not 'sequence''s."""
+    if loss_agg == "token":
+        return mask, mask.sum()
+    length = mask.sum(1, keepdim=True)
+    if loss_agg == "sequence":
+        return mask / length.clamp_min(1), (length > 0).sum().float()
+    return mask, torch.tensor(float(max_new_tokens * len(mask)))
+
+
+def aggregate(x, weight, norm):
+    """The micro-batch's share of the step's loss: sum of weight x per-token term over the positions in the loss,
+    divided by the step's normalizer (loss_weights)."""
+    return masked_sum(x * weight, weight) / norm
+
+
+def token_loss(logp, old_logp, ref_logp, adv, weight, norm, clip_eps=0.2, beta=0.04, clip_eps_high=0.0):
+    """Eq. 1 as a loss: -clipped surrogate + beta * KL_k3(pi || ref), aggregated by the per-token weights and the
+    step's normalizer (loss_weights; for the token mean, weight is the 0/1 response mask and norm the step's token
+    count). The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher; 0 = clip_eps).
+    Returns the loss and per-token stats (clip indicator: the ratio outside that range; the k3 KL) for logging."""
+    high = clip_eps_high or clip_eps
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
-    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + high) * a)
     log_ref_ratio = ref_logp - logp
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1                 # k3 estimator, >= 0
-    loss = masked_sum(-surrogate + beta * kl, mask) / n_tokens
-    clipped = ((ratio - 1).abs() > clip_eps).float()
+    loss = aggregate(-surrogate + beta * kl, weight, norm)
+    clipped = ((ratio - 1 > high) | (1 - ratio > clip_eps)).float()
     return loss, clipped, kl
 
 
-def attention_loss(p, p_old, adv, mask, n_tokens):
-    """Eq. 3: A_t * JSD(p_theta^t || p_old^t), summed over response tokens / n_tokens. p_old is a constant.
-    Minimizing it pulls the attention toward the rollout's when A > 0 and pushes it away when A < 0."""
+def attention_loss(p, p_old, adv, weight, norm):
+    """Eq. 3: A_t * JSD(p_theta^t || p_old^t), aggregated as the token terms are (loss_weights). p_old is a
+    constant. Minimizing it pulls the attention toward the rollout's when A > 0 and pushes it away when A < 0."""
     d = jsd(p, p_old.detach())
-    return masked_sum(adv[:, None] * d, mask) / n_tokens, d
+    return aggregate(adv[:, None] * d, weight, norm), d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,7 +154,15 @@ OPTIONS = dict(   # name: (default, meaning)
     warmup=(0, "RL steps over which the lr rises linearly to --lr (Adam's first steps move every weight by ~lr)"),
     weight_decay=(0.0, "AdamW weight decay (SFT and RL)"),
     grad_clip=(1.0, "gradient-norm clip (SFT and RL)"),
-    clip_eps=(0.2, "PPO ratio clip of Eq. 1"),
+    clip_eps=(0.2, "PPO ratio clip of Eq. 1: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]"),
+    clip_eps_high=(0.0, "the upper ratio clip (DAPO's clip-higher, e.g. 0.28); 0 = clip_eps"),
+    loss_agg=("token", "how per-token terms (Eq. 1 and 3) add up to the loss: 'token' (mean over the optimizer "
+                       "step's response tokens, as DAPO), 'sequence' (each response's token mean, then the mean over "
+                       "responses: the original GRPO), 'constant' (sum / (max_new_tokens x responses): Dr. GRPO)"),
+    scale_rewards=("group", "advantages (Eq. 8): 'group' divides by the group's reward std, 'none' only subtracts "
+                            "its mean (Dr. GRPO)"),
+    mask_truncated=(False, "responses that reach max_new_tokens without ending leave the loss (DAPO's overlong "
+                           "filtering); they keep their reward, in the logs and in their group's advantages"),
     beta=(0.04, "weight of the k3 KL to the frozen reference (0: no reference model)"),
     lambda_attn=(1.0, "weight of the attention term, Eq. 4 (set to 0 by algo=grpo)"),
     mini_batches=(2, "optimizer steps per rollout and epoch, each on a slice of every group (1..group_size)"),
@@ -193,6 +229,10 @@ def check(cfg):
                 "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
+    need(cfg["loss_agg"] in ("token", "sequence", "constant"),
+         f"--loss_agg must be token, sequence or constant, got {cfg['loss_agg']!r}")
+    need(cfg["scale_rewards"] in ("group", "none"), f"--scale_rewards must be group or none, got {cfg['scale_rewards']!r}")
+    need(cfg["clip_eps"] >= 0 and cfg["clip_eps_high"] >= 0, "--clip_eps and --clip_eps_high must be >= 0")
     need(cfg["compute_dtype"] in ("auto", "float32", "bfloat16"),
          f"--compute_dtype must be auto, float32 or bfloat16, got {cfg['compute_dtype']!r}")
     for key in ("sft_file", "train_file", "eval_file"):
@@ -269,7 +309,11 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
         texts = tok.batch_decode(response, skip_special_tokens=True)
         scores = [reward_fn(t, sample, mode) for t in texts]
         rewards = torch.tensor([s["reward"] for s in scores])
-        adv = group_advantages(rewards, G).to(device)
+        adv = group_advantages(rewards, G, scale=cfg["scale_rewards"] == "group").to(device)
+        # a response that reached max_new_tokens without its end token was cut off; --mask_truncated keeps its
+        # tokens out of the loss (its reward still counts in the group's advantages and in the log)
+        ended = torch.isin(response, torch.tensor(stop_ids(model, tok), device=response.device)).any(1)
+        in_loss = ended | (not cfg["mask_truncated"])
         full, P = with_responses(batch, response, response_mask), batch["input_ids"].shape[1]
         for mb, (first, last) in enumerate(mini_batch_slices(G, cfg["mini_batches"])):
             for i in range(first, last, cfg["micro_batch"] or last - first):
@@ -279,8 +323,10 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
                 ref_logp = policy_forward(ref_model, rows, R, attention=False, temperature=cfg["temperature"])[0] \
                     if ref_model is not None else logp
                 mask = response_mask[i:j].float()
-                micro_batches.append(dict(batch=rows, response_len=R, mask=mask, adv=adv[i:j], old_logp=logp,
-                                          old_p=p, ref_logp=ref_logp, mini_batch=mb))
+                loss_mask = mask * in_loss[i:j, None]
+                weight, norm = loss_weights(loss_mask, cfg["loss_agg"], cfg["max_new_tokens"])
+                micro_batches.append(dict(batch=rows, response_len=R, mask=loss_mask, weight=weight, norm=norm,
+                                          adv=adv[i:j], old_logp=logp, old_p=p, ref_logp=ref_logp, mini_batch=mb))
                 # where the rollout policy looks (response rows, over the prompt's visual and target tokens)
                 vis, tgt = masks["visual"][i:j].to(p)[:, None], masks["target"][i:j].to(p)[:, None]
                 entropy = -(torch.where(p > 0, p * p.clamp_min(1e-30).log(), 0.0)).sum(-1)
@@ -288,7 +334,7 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
                     attn_visual=masked_sum((p[..., :P] * vis).sum(-1), mask).item(),
                     attn_target=masked_sum((p[..., :P] * tgt).sum(-1), mask).item())
         add(reward=rewards.sum().item(), accuracy=sum(s["accuracy"] for s in scores),
-            format=sum(s["format"] for s in scores), responses=G, groups=1,
+            format=sum(s["format"] for s in scores), responses=G, groups=1, truncated=(~ended).sum().item(),
             no_spread=float(bool((rewards == rewards[0]).all())), response_len=response_mask.sum().item())
         samples_log.append(dict(step=step + 1, id=sample.get("id"), question=sample["question"],
                                 answer=sample["answer"], responses=texts[:cfg["log_samples"]],
@@ -297,42 +343,45 @@ def rollout(model, ref_model, processor, prompts, cfg, mode, step, first_group, 
     return micro_batches, stats, samples_log, times
 
 
-def rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn):
-    """Eq. 4 on one micro-batch, from the forward's log-probs and attention: -clipped surrogate + beta KL +
-    lambda A JSD. Returns the loss and per-token sums for logging."""
-    m = mb["mask"]
-    loss, clipped, kl = token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], m, n_tokens, clip_eps, beta)
-    stats = dict(kl=masked_sum(kl, m).item(), clip=masked_sum(clipped, m).item(), attn_jsd=0.0)
+def rl_terms(logp, p, logprobs, mb, norm, clip_eps, beta, lambda_attn, clip_eps_high=0.0):
+    """Eq. 4 on one micro-batch, from the forward's log-probs, log-softmax over the vocabulary (for the policy's
+    entropy, logged) and attention: -clipped surrogate + beta KL + lambda A JSD, each aggregated by mb's weights
+    and the step's normalizer. Returns the loss and per-token sums for logging."""
+    m, w = mb["mask"], mb["weight"]
+    loss, clipped, kl = token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], w, norm, clip_eps, beta,
+                                   clip_eps_high)
+    stats = dict(kl=masked_sum(kl, m).item(), clip=masked_sum(clipped, m).item(), attn_jsd=0.0,
+                 entropy=masked_sum(token_entropy(logprobs), m).item())
     if lambda_attn > 0:
-        attn, d = attention_loss(p, mb["old_p"], mb["adv"], m, n_tokens)
+        attn, d = attention_loss(p, mb["old_p"], mb["adv"], w, norm)
         loss = loss + lambda_attn * attn
         stats["attn_jsd"] = masked_sum(d, m).item()
     return loss, stats
 
 
-def rl_loss(clip_eps, beta, lambda_attn, temperature=1.0):
-    """Eq. 4 as `loss_fn(model, micro_batch, n_tokens) -> (loss, stats)`: the per-micro-batch objective that
-    update minimizes (distill.py builds Eq. 6 the same way). Log-probs at the rollout's sampling temperature, so
-    the ratio compares the same distributions."""
-    def loss_fn(model, mb, n_tokens):
-        logp, p = policy_forward(model, mb["batch"], mb["response_len"], attention=lambda_attn > 0,
-                                 temperature=temperature)
-        return rl_terms(logp, p, mb, n_tokens, clip_eps, beta, lambda_attn)
+def rl_loss(clip_eps, beta, lambda_attn, temperature=1.0, clip_eps_high=0.0):
+    """Eq. 4 as `loss_fn(model, micro_batch, norm) -> (loss, stats)`: the per-micro-batch objective that update
+    minimizes, norm being the step's normalizer (loss_weights; distill.py builds Eq. 6 the same way). Log-probs at
+    the rollout's sampling temperature, so the ratio compares the same distributions."""
+    def loss_fn(model, mb, norm):
+        logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=lambda_attn > 0,
+                                           full=True, temperature=temperature)
+        return rl_terms(logp, p, logprobs, mb, norm, clip_eps, beta, lambda_attn, clip_eps_high)
     return loss_fn
 
 
-def grad_probe(clip_eps, beta, lambda_attn, temperature=1.0):
-    """The mechanism, measured (METHOD.md, "The gradient probe"): `probe(model, micro_batch, n_tokens) -> stats`,
+def grad_probe(clip_eps, beta, lambda_attn, temperature=1.0, clip_eps_high=0.0):
+    """The mechanism, measured (METHOD.md, "The gradient probe"): `probe(model, micro_batch, norm) -> stats`,
     the gradients w.r.t. the trainable weights of Eq. 4's token terms (surrogate + KL) and of its attention term
     (Eq. 3, unweighted) taken separately on one micro-batch, never accumulated into .grad: their norms, the
     attention term's share of the update lambda |g_attn| / (lambda |g_attn| + |g_tok|), and their cosine. Per
     parameter sums only (no flat copy of the gradient), so it costs one forward and two backwards."""
-    def probe(model, mb, n_tokens):
+    def probe(model, mb, norm):
         model = getattr(model, "module", model)            # DDP's module: a local gradient, no all-reduce
         params = [w for w in model.parameters() if w.requires_grad]
-        logp, p = policy_forward(model, mb["batch"], mb["response_len"], temperature=temperature)
-        token = rl_terms(logp, p, mb, n_tokens, clip_eps, beta, 0.0)[0]
-        attn = attention_loss(p, mb["old_p"], mb["adv"], mb["mask"], n_tokens)[0]
+        logp, p, logprobs = policy_forward(model, mb["batch"], mb["response_len"], full=True, temperature=temperature)
+        token = rl_terms(logp, p, logprobs, mb, norm, clip_eps, beta, 0.0, clip_eps_high)[0]
+        attn = attention_loss(p, mb["old_p"], mb["adv"], mb["weight"], norm)[0]
         g_tok = torch.autograd.grad(token, params, retain_graph=True, allow_unused=True)
         g_attn = torch.autograd.grad(attn, params, allow_unused=True)
         tt = at = ta = 0.0
@@ -350,10 +399,11 @@ def grad_probe(clip_eps, beta, lambda_attn, temperature=1.0):
 
 
 def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_clip, world, probe=None):
-    """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches and
-    divided by the global response-token count of its mini-batch. Returns one stats record per optimizer step.
-    probe (grad_probe): measured before the last optimizer step, on its first micro-batch whose advantages are not
-    all zero (a group without spread has no signal in either term)."""
+    """mini_batches x epochs optimizer steps over one rollout, each on loss_fn summed over its micro-batches, whose
+    terms are divided by the global normalizer of the mini-batch (the sum of its micro-batches' norm over ranks;
+    loss_weights). Returns one stats record per optimizer step. probe (grad_probe): measured before the last
+    optimizer step, on its first micro-batch whose advantages are not all zero (a group without spread has no
+    signal in either term)."""
     # the optimizer's parameters: after a no_grad forward FSDP leaves the root unsharded, and model.parameters()
     # would then list plain tensors that never get a gradient instead of the sharded ones
     params = [w for group in optimizer.param_groups for w in group["params"]]
@@ -361,41 +411,52 @@ def update(model, optimizer, micro_batches, loss_fn, mini_batches, epochs, grad_
     for epoch in range(epochs):
         for k in range(mini_batches):
             mbs = [mb for mb in micro_batches if mb["mini_batch"] == k]
-            n_tokens = torch.tensor(float(sum(mb["mask"].sum() for mb in mbs)), device=mbs[0]["mask"].device)
+            local = float(sum(mb["norm"] for mb in mbs))
+            norm = torch.tensor(local, device=mbs[0]["mask"].device)
             if world > 1:
-                dist.all_reduce(n_tokens)
+                dist.all_reduce(norm)
+            norm = norm.clamp_min(1.0)    # a step whose every response left the loss (--mask_truncated): 0, not 0/0
             optimizer.zero_grad(set_to_none=True)
-            record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), opt_steps=1)
+            record = dict(update_tokens=sum(mb["mask"].sum().item() for mb in mbs), norm=local, opt_steps=1)
             if probe is not None and (epoch, k) == (epochs - 1, mini_batches - 1):   # the weights furthest from the
                 signal = [mb for mb in mbs if mb["adv"].abs().sum() > 0] or mbs      # rollout's, where Eq. 3 acts
-                record.update(probe(model, signal[0], n_tokens))                    # most; a group with spread
+                record.update(probe(model, signal[0], norm))                        # most; a group with spread
             for j, mb in enumerate(mbs):
                 sync = j == len(mbs) - 1 or world == 1 or not hasattr(model, "no_sync")  # FSDP reduce-scatters
                 with nullcontext() if sync else model.no_sync():          # each micro-batch's into its shards
-                    loss, s = loss_fn(model, mb, n_tokens)
+                    loss, s = loss_fn(model, mb, norm)
                     (loss * world).backward()     # DDP averages gradients over ranks; the loss is a global sum
-                for key, v in dict(s, loss=loss.item() * n_tokens.item()).items():
+                for key, v in dict(s, loss=loss.item() * norm.item()).items():
                     record[key] = record.get(key, 0.0) + v
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            record["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            record["grad_norm"] = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
             optimizer.step()
             records.append(record)
     return records
 
 
-# What metrics.jsonl holds, by what each sum is divided by.
-PER_RESPONSE = ("reward", "accuracy", "format", "response_len")
+# What metrics.jsonl holds, by what each sum is divided by, and what each is (the axis labels of curves.png).
+PER_RESPONSE = ("reward", "accuracy", "format", "response_len", "truncated")
 PER_ROLLOUT_TOKEN = ("attn_entropy", "attn_visual", "attn_target")
-PER_UPDATE_TOKEN = ("kl", "clip", "attn_jsd", "loss")
-METRICS = PER_RESPONSE + ("no_spread_groups",) + PER_ROLLOUT_TOKEN + PER_UPDATE_TOKEN + ("grad_norm",)
+PER_UPDATE_TOKEN = ("kl", "clip", "attn_jsd", "entropy")
+METRICS = dict(
+    reward="reward per response (Eq. 8's r)", accuracy="share of responses right (sampled)",
+    format="share of responses in format", response_len="tokens per response",
+    truncated="share of responses cut at max_new_tokens", no_spread_groups="share of groups with equal rewards",
+    attn_entropy="attention entropy (nats per rollout token)", attn_visual="attention on visual tokens",
+    attn_target="attention on the target's tokens", kl="k3 KL to the reference per update token",
+    clip="share of update tokens outside the ratio clip", attn_jsd="JSD(p || p_old) per update token (Eq. 3)",
+    entropy="token entropy (nats per update token)", loss="loss (Eq. 4), mean over optimizer steps",
+    grad_norm="gradient norm before clipping")
 PER_PROBE = ("grad_tok", "grad_attn", "attn_share", "attn_cos")     # only on the steps grad_probe_every picks
 
 
 def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     """Sum the rollout's and every optimizer step's sums over ranks, then divide: per response, per rollout token,
-    per update token, per group, per optimizer step. `per_token`: extra update-token means (distill.py's terms).
-    attn_jsd is the mean over all the rollout's optimizer steps; attn_jsd_step1, attn_jsd_step2, ... are each
-    step's own (step 1 runs at the rollout weights, where the JSD and its gradient are 0: METHOD.md, Eq. 3)."""
+    per update token, per group, per optimizer step; the loss by the steps' normalizers (the mean over steps,
+    weighted by them: for --loss_agg=token, per update token). `per_token`: extra update-token means (distill.py's
+    terms). attn_jsd is the mean over all the rollout's optimizer steps; attn_jsd_step1, attn_jsd_step2, ... are
+    each step's own (step 1 runs at the rollout weights, where the JSD and its gradient are 0: METHOD.md, Eq. 3)."""
     sums = dict(rollout_stats)
     for i, record in enumerate(update_records):
         for k, v in record.items():
@@ -411,9 +472,11 @@ def reduce_stats(rollout_stats, update_records, world, device, per_token=()):
     out = {k: t[k] / t["responses"] for k in PER_RESPONSE}
     out["no_spread_groups"] = t["no_spread"] / t["groups"]
     out.update({k: t[k] / t["tokens"] for k in PER_ROLLOUT_TOKEN})
-    out.update({k: t[k] / t["update_tokens"] for k in PER_UPDATE_TOKEN + tuple(per_token)})
-    out.update({f"attn_jsd_step{i}": t[f"attn_jsd_step{i}"] / t[f"update_tokens_step{i}"]
+    # max(., 1): a step whose every response left the loss (--mask_truncated) has no update token
+    out.update({k: t[k] / max(t["update_tokens"], 1.0) for k in PER_UPDATE_TOKEN + tuple(per_token)})
+    out.update({f"attn_jsd_step{i}": t[f"attn_jsd_step{i}"] / max(t[f"update_tokens_step{i}"], 1.0)
                 for i in range(1, len(update_records) + 1) if f"attn_jsd_step{i}" in t})
+    out["loss"] = t["loss"] / max(t["norm"], 1.0)
     out["grad_norm"] = t["grad_norm"] / t["opt_steps"]
     if t.get("probes"):
         out.update({k: t[k] / t["probes"] for k in PER_PROBE})
@@ -620,7 +683,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         results["wall_time_s"] = time.time() - t_start
         evaluation.write_json(results, os.path.join(out, "results.json"))
         if os.path.getsize(metrics_path):
-            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), METRICS + tuple(extra_stats))
+            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), {**METRICS, **dict(extra_stats)})
         if held_out:
             evaluation.save_eval(ckpt, mode, {suite: results["after_rl"]})
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
@@ -649,9 +712,10 @@ def main(argv, reward_fn=data.reward):
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world, reward_fn)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")
     return train(cfg, start, train_samples, held_out, suite, rank, world, device,
-                 rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"]), name,
-                 reward_fn=reward_fn, probe_fn=grad_probe(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"],
-                                                          cfg["temperature"]))
+                 rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"], cfg["clip_eps_high"]),
+                 name, reward_fn=reward_fn,
+                 probe_fn=grad_probe(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"], cfg["temperature"],
+                                     cfg["clip_eps_high"]))
 
 
 if __name__ == "__main__":

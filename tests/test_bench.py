@@ -85,12 +85,13 @@ def measured_step(layers, hidden, heads, kv_heads, intermediate, B, T, R, dtype,
     batch = bench.random_batch(len(processor.tokenizer), B, T)
     batch["attention_mask"][0, :3] = 0                                     # padding: the dense mask
     mb = dict(old_logp=torch.zeros(B, R), ref_logp=torch.zeros(B, R), adv=torch.ones(B), mask=torch.ones(B, R),
-              old_p=torch.full((B, R, T), 1.0 / T))
+              weight=torch.ones(B, R), old_p=torch.full((B, R, T), 1.0 / T))
     for w in model.parameters():     # gradients exist from an earlier micro-batch: the training state, not counted
         w.grad = torch.zeros_like(w) if w.requires_grad else None
     with bench.LiveBytes() as live:
-        logp, p = policy_forward(model, batch, R)
-        loss, _ = ral.rl_terms(logp, p, mb, torch.tensor(float(B * R)), 0.2, 0.04, 1.0)
+        logp, p, logprobs = policy_forward(model, batch, R, full=True)     # as ral.rl_loss calls it
+        loss, _ = ral.rl_terms(logp, p, logprobs, mb, torch.tensor(float(B * R)), 0.2, 0.04, 1.0)
+        del logprobs                     # the graph keeps the log-softmax for backward; the loss function keeps no more
         held = live.live()
         loss.backward()
     t = config.text_config

@@ -65,7 +65,9 @@ def test_hub_checkpoint_loads_with_its_token_ids(hub):
     # generation_config.json says do_sample, temperature 0.1, top_k 1, top_p 0.001, repetition_penalty 1.05
     resolved, _ = model._prepare_generation_config(M.sampling_config(model, 8, processor.tokenizer))
     assert resolved.do_sample is False and resolved.temperature == 1.0 and resolved.top_p == 1.0
-    assert resolved.repetition_penalty == 1.0 and resolved.top_k in (0, None) and resolved.num_beams == 1
+    assert resolved.repetition_penalty == 1.0 and resolved.num_beams == 1
+    # greedy decoding reads no top-k: sampling_config gives it transformers' own default (50, not the checkpoint's 1)
+    assert str(resolved.get_generation_mode()) == "GenerationMode.GREEDY_SEARCH" and resolved.top_k == 50
     assert resolved.eos_token_id == [IM_END, END_OF_TEXT] and resolved.pad_token_id == END_OF_TEXT
     size = processor.image_processor.size
     assert (size.shortest_edge, size.longest_edge) == (3136, 12845056)

@@ -160,6 +160,32 @@ def test_wandb_logs_every_step_and_rl_epochs_set_the_steps(tmp_path, monkeypatch
     assert any(isinstance(e, tuple) and "eval/after_rl/accuracy" in e[1] for e in logged)
 
 
+def test_a_missing_run_or_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    """A relative path with one slash whose folder exists is a path, not a hub id: "no such folder" at once. A hub
+    id that cannot be fetched (here: offline, no cached copy) ends in one line too, from eval.py and ral.py."""
+    import huggingface_hub.constants
+    import model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert model.check_source("out/no_such_run").startswith("no such folder: out/no_such_run")
+    assert model.check_source("Qwen/Qwen2.5-VL-7B-Instruct") is None          # no Qwen/ folder here: a hub id
+    assert model.check_source("a/b/c") == "no such folder: a/b/c"
+    (tmp_path / "out" / "notes.txt").write_text("x")
+    assert model.check_source("out/notes.txt") == "out/notes.txt is a file, not a checkpoint folder"
+    offline = dict(os.environ, HF_HUB_OFFLINE="1")
+    for argv, words in ((["--ckpt", "out/no_such_run", "--suite", "search-16"], "--ckpt: no such folder: out/no_such_run"),
+                        (["--ckpt", "nobody/no_such_model"], "cannot load nobody/no_such_model"),
+                        (["--ckpt", "tiny", "--suite", "missing.jsonl"], "--suite: no such file: missing.jsonl")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv], capture_output=True, text=True,
+                              cwd=tmp_path, env=offline, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, (argv, proc.stderr)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as stop:
+        ral.cli(ral.main, ["--init_from=nobody/no_such_model", *SMALL, "--out_dir=run"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "cannot load nobody/no_such_model" in err, err
+
+
 def test_the_3b_preset_reads_the_7b_one_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = ral.configure([os.path.join(ROOT, "config", "qwen3b_8gpu.py")])

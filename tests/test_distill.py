@@ -107,7 +107,7 @@ def test_gamma_zero_is_exactly_the_kd_baseline(pair):
 
     def kd(model, mb, n_tokens):
         logp, _, logprobs = policy_forward(model, mb["batch"], mb["response_len"], attention=False, full=True)
-        loss, stats = ral.rl_terms(logp, None, mb, n_tokens, clip_eps=0.2, beta=0.0, lambda_attn=0.0)
+        loss, stats = ral.rl_terms(logp, None, logprobs, mb, n_tokens, clip_eps=0.2, beta=0.0, lambda_attn=0.0)
         kl = distill.reverse_kl(logprobs, distill.teacher_forward(teacher, mb, "cpu")[0])
         return loss + mu * (kl * mb["mask"]).sum() / n_tokens, stats
 

@@ -411,6 +411,37 @@ def test_attention_figure_before_and_after(tmp_path, monkeypatch):
     assert a["heat"].shape == (8, 8) and abs(a["heat"].sum() - 1) < 1    # mass on the 64 visual tokens, <= 1
 
 
+def test_curves_are_smoothed_labelled_and_mark_the_held_out_accuracy(tmp_path):
+    """One panel per logged metric (none empty, a metric the log lacks has none), each with its axes named, the
+    smoothed curve over the raw one; the accuracy panel also shows the held-out accuracy before and after RL."""
+    rows = [dict(step=s, reward=float(s % 3), accuracy=0.1 * (s % 4), loss=1.0 / s) for s in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev.write_json(dict(before_rl=dict(accuracy=0.4), after_rl=dict(accuracy=0.7)), str(tmp_path / "results.json"))
+    labels = dict(reward="reward per response", accuracy="share right", kl="k3 KL", loss="the loss")
+    fig = ev.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"), labels)
+    assert os.path.getsize(tmp_path / "curves.png") > 0
+    assert [ax.get_title() for ax in fig.axes] == ["reward", "accuracy", "loss"]       # no kl: not in the log
+    assert [ax.get_ylabel() for ax in fig.axes] == ["reward per response", "share right", "the loss"]
+    assert all(ax.get_xlabel() == "RL step" for ax in fig.axes)
+    raw, smoothed = fig.axes[0].lines[:2]
+    y = [float(s % 3) for s in range(1, 13)]
+    assert list(raw.get_ydata()) == y and list(smoothed.get_ydata()) == list(ev.smooth(y, 3))
+    assert smoothed.get_ydata()[1] == pytest.approx(sum(y[:3]) / 3) and smoothed.get_ydata()[0] == (y[0] + y[1]) / 2
+    held = fig.axes[1].lines[2]
+    assert list(held.get_xdata()) == [0, 12] and list(held.get_ydata()) == [0.4, 0.7]
+
+
+def test_a_missing_suite_file_is_one_line_before_any_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("the model loaded before the suites were checked"))
+    for suite, words in (("missing.jsonl", "--suite: no such file: missing.jsonl"), ("serch-64", "unknown suite")):
+        with pytest.raises(SystemExit) as stop:
+            ev.main(["--ckpt", "tiny", "--suite", "search-16", suite])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
+    with pytest.raises(ValueError, match="no such file"):
+        ev.suite("missing.jsonl")
+
+
 def test_eval_json_keeps_the_trainers_result(tiny, tmp_path):
     """The trainer files its held-out result (n = eval_n); eval.py on another n files its own beside it, and a
     later --compare at the trainer's n reads the trainer's result instead of one on other samples."""

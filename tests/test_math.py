@@ -115,7 +115,7 @@ def test_token_loss_closed_form():
     ref = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     adv = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, clipped, kl = token_loss(logp, old, ref, adv, mask, n_tokens=3, clip_eps=0.2, beta=0.5)
+    loss, clipped, kl = token_loss(logp, old, ref, adv, mask, norm=3, clip_eps=0.2, beta=0.5)
     k3 = math.exp(-0.5) + 0.5 - 1
     surr = [1.2 * 1, 1 * 1, -math.exp(0.5)]                    # per real token
     expected = (-(surr[0]) + 0.5 * k3 - surr[1] + (-surr[2]) + 0.5 * k3) / 3
@@ -140,12 +140,12 @@ def test_masked_positions_are_excluded_not_multiplied_by_zero():
     old = torch.tensor([[-0.4, -1.2, float("inf")]])
     ref = torch.tensor([[-0.6, -0.9, float("-inf")]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, _, _ = token_loss(logp, old, ref, torch.tensor([0.7]), mask, n_tokens=2)
-    expected, _, _ = token_loss(logp[:, :2], old[:, :2], ref[:, :2], torch.tensor([0.7]), mask[:, :2], n_tokens=2)
+    loss, _, _ = token_loss(logp, old, ref, torch.tensor([0.7]), mask, norm=2)
+    expected, _, _ = token_loss(logp[:, :2], old[:, :2], ref[:, :2], torch.tensor([0.7]), mask[:, :2], norm=2)
     assert torch.isfinite(loss) and torch.allclose(loss, expected)
     loss.backward()
     assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
     p = torch.tensor([[[0.5, 0.5], [float("nan"), float("nan")]]])
     attn, _ = attention_loss(p, torch.tensor([[[0.9, 0.1], [0.5, 0.5]]]), torch.tensor([1.0]),
-                             torch.tensor([[1.0, 0.0]]), n_tokens=1)
+                             torch.tensor([[1.0, 0.0]]), norm=1)
     assert torch.isfinite(attn)

@@ -77,6 +77,39 @@ def test_attention_policy_is_float32_under_bf16_autocast(monkeypatch, device):
     assert (p.double() - reference).abs().max() < 1e-6
 
 
+def test_a_float64_model_keeps_its_attention_policy_and_log_probs_in_float64():
+    """Eq. 2 by hand in float64 from the kernel's q and k: a float64 model's p matches it to 1e-12 (in float32 it
+    would be off by about 1e-8), and its log-probs are float64 too."""
+    model, processor = build_tiny(seed=2)
+    model.double()
+    seen = {}
+    original = policy.attention_policy
+
+    def recording(query, key, attention_mask, rows, scaling):
+        seen.update(query=query.detach(), key=key.detach(), scaling=scaling)
+        return original(query, key, attention_mask, rows, scaling)
+
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16), processor)
+    batch = {k: v.double() if torch.is_floating_point(v) else v for k, v in batch.items()}
+    full, _ = policy.append_responses(batch, [[30, 40, 50, 60]], processor.tokenizer.pad_token_id)
+    policy.attention_policy = recording
+    try:
+        with torch.no_grad():
+            logp, p = policy.policy_forward(model, full, 4)
+    finally:
+        policy.attention_policy = original
+    assert p.dtype == torch.float64 and logp.dtype == torch.float64 and seen["query"].dtype == torch.float64
+    q, k = seen["query"], seen["key"]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)        # grouped-query: each key head serves H / K queries
+    T, R = k.shape[2], 4
+    scores = (q[:, :, T - R:] @ k.transpose(-1, -2)) * seen["scaling"]
+    t = torch.arange(T - R, T)
+    scores = scores.masked_fill(torch.arange(T)[None, :] > t[:, None], float("-inf"))
+    alpha = scores.softmax(-1).mean(1)
+    alpha[:, torch.arange(R), t] = 0.0
+    assert (p - alpha / alpha.sum(-1, keepdim=True)).abs().max() < 1e-12
+
+
 def test_memory_table_counts_master_weights_gradients_adam_and_reference():
     model, _ = build_tiny()
     trainable = sum(w.numel() for w in model.parameters() if w.requires_grad)

@@ -387,11 +387,11 @@ def test_grad_probe_against_separate_backwards(lambda_attn):
 
     def grad_of(term):
         at.zero_grad(set_to_none=True)
-        logp, p = ral.policy_forward(at, mb["batch"], mb["response_len"])
-        loss = {"token": lambda: ral.token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], mb["mask"], n_tokens,
-                                                0.2, 0.04)[0],
-                "attn": lambda: ral.attention_loss(p, mb["old_p"], mb["adv"], mb["mask"], n_tokens)[0],
-                "full": lambda: ral.rl_terms(logp, p, mb, n_tokens, 0.2, 0.04, lambda_attn)[0]}[term]()
+        logp, p, logprobs = ral.policy_forward(at, mb["batch"], mb["response_len"], full=True)
+        loss = {"token": lambda: ral.token_loss(logp, mb["old_logp"], mb["ref_logp"], mb["adv"], mb["weight"],
+                                                n_tokens, 0.2, 0.04)[0],
+                "attn": lambda: ral.attention_loss(p, mb["old_p"], mb["adv"], mb["weight"], n_tokens)[0],
+                "full": lambda: ral.rl_terms(logp, p, logprobs, mb, n_tokens, 0.2, 0.04, lambda_attn)[0]}[term]()
         loss.backward()
         return np.concatenate([(w.grad if w.grad is not None else torch.zeros_like(w)).double().numpy().ravel()
                                for w in params])

@@ -102,3 +102,22 @@ def test_the_tower_runs_once_per_prompt_per_step():
     opt = torch.optim.SGD([w for w in model.parameters() if w.requires_grad], lr=0.1)
     ral.update(model, opt, micro_batches, ral.rl_loss(0.2, 0.04, 1.0), 2, 2, 1.0, world=1)
     assert len(calls) == 2 and len(ref_calls) == 0     # 2 prompts; 8 micro-batches x (old, ref, 2 epochs) reuse it
+
+
+def test_generation_sets_only_what_applies_and_takes_nothing_from_the_checkpoint(instruct_like, monkeypatch):
+    """generate fills what sampling_config leaves unset from the checkpoint's generation_config: nothing that
+    decoding reads comes from it (greedy search, no repetition penalty, no top-k), and transformers finds no flag
+    to warn about ("not valid and may be ignored") with this checkpoint or the tiny one."""
+    from transformers.generation import configuration_utils
+    warnings = []
+    monkeypatch.setattr(configuration_utils.logger, "warning_once", lambda message, *a, **k: warnings.append(message))
+    model, processor = instruct_like
+    batch, _ = data.encode(tasks.search_task(1, seed=0, tokens=16) * 2, processor)
+    for m in (model, policy.build_tiny(seed=3)[0]):
+        policy.generate(m, processor, batch, 4, seeds=[0, 1])
+        policy.generate(m, processor, batch, 4, greedy=True)
+    assert warnings == []
+    prepared, _ = model._prepare_generation_config(policy.sampling_config(model, 4))
+    assert str(prepared.get_generation_mode()) == "GenerationMode.GREEDY_SEARCH"
+    assert prepared.repetition_penalty == 1.0 and prepared.top_k != 1 and prepared.top_p == 1.0
+    assert prepared.temperature == 1.0 and not prepared.do_sample
