@@ -294,11 +294,11 @@ def bench_step(size, prompts, group, new_tokens, repeats):
     model, processor = build_tiny(**parse_size(size))
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     init = copy.deepcopy(model.state_dict())
-    prompts_list = tasks.search_task(prompts, seed=0, tokens=ral.DEFAULTS["task_tokens"])
+    prompts_list = tasks.search_task(prompts, seed=0, tokens=cli.DEFAULTS["task_tokens"])
     times = dict(grpo=[], ral=[])
     for rep in range(repeats + 1):
         for algo in (("grpo", "ral") if rep % 2 else ("ral", "grpo")):
-            cfg = dict(ral.DEFAULTS, group_size=group, prompts_per_step=prompts, max_new_tokens=new_tokens)
+            cfg = dict(cli.DEFAULTS, group_size=group, prompts_per_step=prompts, max_new_tokens=new_tokens)
             loss_fn = ral.rl_loss(cfg["clip_eps"], cfg["beta"], cfg["lambda_attn"] if algo == "ral" else 0.0)
             model.load_state_dict(init)
             optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"])
@@ -339,7 +339,7 @@ def bench_rollout(size, prompts, group, new_tokens, repeats, tokens):
     runs = {k: [] for k in variants}
     for rep in range(repeats + 1):
         for name in (("before", "after") if rep % 2 else ("after", "before")):
-            cfg = dict(ral.DEFAULTS, group_size=group, max_new_tokens=new_tokens, **variants[name])
+            cfg = dict(cli.DEFAULTS, group_size=group, max_new_tokens=new_tokens, **variants[name])
             model.load_state_dict(init)
             optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"])
             calls.clear()
@@ -468,7 +468,7 @@ def bench_memory_whole(gpus, presets=PRESETS):
         visual_params = sum(w.numel() for w in model.model.visual.parameters())
         root_params = params - visual_params - text["num_hidden_layers"] * layer_params   # embeddings, norm, head
         head_params = text["vocab_size"] * text["hidden_size"]
-        B, R, V, H = cfg["micro_batch"], cfg["max_new_tokens"], text["vocab_size"], text["hidden_size"]
+        B, R, H = cfg["micro_batch"], cfg["max_new_tokens"], text["hidden_size"]
         visual = longest_visual_tokens()
         P = visual + PROMPT_TEXT_TOKENS
         T = P + R

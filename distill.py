@@ -29,20 +29,20 @@ import eval as evaluation
 import ral
 import scale
 import sft
-from cli import UsageError, cli, import_function
+from cli import DEFAULTS, OPTIONS, UsageError, cli, import_function
 from model import check_source, load, load_processor, masked_sum, policy_forward, to_device
 
-meaning = lambda key: ral.OPTIONS[key][1]
+meaning = lambda key: OPTIONS[key][1]
 OPTIONS = dict(
-    ral.OPTIONS,
+    OPTIONS,
     out_dir=("out/distill", meaning("out_dir")),
     algo=("grpo", "L_RL of Eq. 6: 'grpo' (GRPO's token loss) or 'ral' (adds Eq. 3 as well)"),
     mu=(1.0, "weight of the per-token reverse KL to the teacher (L_GKD of Eq. 6)"),
     gamma_attn=(0.5, "weight of the attention JSD to the teacher (Eq. 5); 0 = the on-policy KD baseline"),
     teacher=("", "a save_pretrained folder, a ral.py run folder or a hub id; '' = the tiny warm start below"),
-    teacher_layers=(ral.DEFAULTS["tiny_layers"], "the tiny teacher's layers (teacher=''): ral.py's model, trained "
+    teacher_layers=(DEFAULTS["tiny_layers"], "the tiny teacher's layers (teacher=''): ral.py's model, trained "
                                                  "to the end of its SFT (no early stop), reused if it exists"),
-    teacher_sft_steps=(ral.DEFAULTS["sft_steps"], "the tiny teacher's SFT steps (teacher='')"),
+    teacher_sft_steps=(DEFAULTS["sft_steps"], "the tiny teacher's SFT steps (teacher='')"),
     teacher_device=("", "the teacher's device; '' = the student's"),
     teacher_dtype=("", "the teacher's dtype; '' = load()'s default (bf16 on GPU, fp32 on CPU)"),
     tiny_layers=(2, "decoder layers of the tiny student (fewer than the teacher's)"),

@@ -38,16 +38,15 @@ from tqdm import tqdm
 import data
 import model as policy
 import tasks
+from tasks import EVAL_N, EVAL_SEED
 from cli import import_function
 
 
 
 SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
-# The held-out draw's one owner: ral.py's eval_n defaults to EVAL_N, and both draw with EVAL_SEED, so the trainer's
-# result and this file's are on the same samples. A draw of n is not a prefix of a larger one (the answers are
-# balanced over the whole draw), so eval.json files each result under its suite and n (filed_as).
-EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds
-EVAL_N = 256
+# The held-out draw (EVAL_N samples with EVAL_SEED) has one owner, tasks.py: ral.py's eval_n defaults to it too, so
+# the trainer's result and this file's are on the same samples. A draw of n is not a prefix of a larger one (the
+# answers are balanced over the whole draw), so eval.json files each result under its suite and n (filed_as).
 THINK_TOKENS = 1024     # a <think> rationale and its answer (the presets' max_new_tokens); 64 cuts it off
 ANSWER_TOKENS = 64      # <answer>...</answer> alone, and the random tiny model's smoke test
 Z95 = 1.959964          # two-sided 95% normal quantile

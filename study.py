@@ -31,8 +31,8 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import cli
 import eval as evaluation
-import ral
 import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,7 +59,7 @@ def arms(parts):
         for task, t in tasks.TASKS.items():
             if task != "search":
                 finite = [] if t["stream"] else ["--train_size=2048", "--sft_size=2048"]
-                setting = tasks.suite_name(task, tasks.task_options(task, ral.DEFAULTS))
+                setting = tasks.suite_name(task, tasks.task_options(task, cli.DEFAULTS))
                 out += pair("tasks", setting, [f"--task={task}", *finite])
     if "lambda" in parts:
         drift = ["--mini_batches=4", "--epochs=2"]

@@ -281,6 +281,11 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
 #   stream:  True if an endless stream is cheap (images in memory); False: finite sizes (--train_size, --sft_size)
 #   suites:  its standard held-out suites (eval.py evaluates them all by default)
 
+# The held-out draw of every offline suite, owned here: eval.py's suites and ral.py's eval_n default both read it.
+EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds and the streams (STREAM_SEED)
+EVAL_N = 256
+
+
 TASKS = dict(
     search=dict(make=lambda n, seed, o, folder=None: search_task(n, seed=seed, tokens=o["task_tokens"]),
                 options=(("task_tokens", None),), stream=True,

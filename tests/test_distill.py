@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import cli
 import distill
 import ral
 import tasks
@@ -28,7 +29,7 @@ def pair():
     with torch.no_grad():
         teacher.model.language_model.layers[-1].self_attn.q_proj.weight.mul_(20)
     teacher.eval().requires_grad_(False)
-    cfg = dict(ral.DEFAULTS, algo="grpo", group_size=4, max_new_tokens=6, beta=0.0, mini_batches=2)
+    cfg = dict(cli.DEFAULTS, algo="grpo", group_size=4, max_new_tokens=6, beta=0.0, mini_batches=2)
     torch.manual_seed(0)
     micro_batches = ral.rollout(student, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,
                                 "cpu")[0]

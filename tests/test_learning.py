@@ -18,6 +18,7 @@ import copy
 import pytest
 import torch
 
+import cli
 import data
 import ral
 import sft
@@ -25,7 +26,7 @@ import tasks
 from model import build_tiny, generate, to_device
 
 STEPS, PROMPTS, G = 8, 4, 8
-CFG = dict(ral.DEFAULTS, algo="grpo", group_size=G, max_new_tokens=8, temperature=1.0, lr=1e-3, beta=0.04,
+CFG = dict(cli.DEFAULTS, algo="grpo", group_size=G, max_new_tokens=8, temperature=1.0, lr=1e-3, beta=0.04,
            mini_batches=2, epochs=1, sft_steps=100, sft_batch=8, sft_lr=3e-3, seed=0)
 
 

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+import cli
 import data
 import model as policy
 import ral
@@ -19,7 +20,7 @@ def moved_share(weights_dtype, device="cpu", steps=2, lr=1e-5):
     with bf16 compute (autocast on `device`)."""
     model, processor = build_tiny(seed=1)
     model.to(device, weights_dtype)
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=steps, compute_dtype="bfloat16")
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=steps, compute_dtype="bfloat16")
     autocast = scale.compute(cfg, device)
     torch.manual_seed(0)
     with autocast:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import eval as evaluation
 import ral
@@ -58,7 +59,7 @@ def make_rollout(model, cfg, seed=0):
 def test_ral_equals_grpo_only_with_one_step_per_rollout(mini_batches):
     """The attention term's gradient is zero while the weights equal the rollout weights (docs/METHOD.md, section 3.4):
     with one optimizer step per rollout RAL == GRPO; with two, the second step sees a non-zero attention gradient."""
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.0, mini_batches=mini_batches)
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.0, mini_batches=mini_batches)
     model, _ = build_tiny(seed=1)
     micro_batches = make_rollout(model, cfg)
     assert any(mb["adv"].abs().sum() > 0 for mb in micro_batches)
@@ -79,7 +80,7 @@ def test_ral_equals_grpo_only_with_one_step_per_rollout(mini_batches):
 def test_attention_term_is_logged_per_optimizer_step():
     """metrics.jsonl's attn_jsd averages every optimizer step of a rollout; attn_jsd_step<k> is step k's own. Step 1
     runs at the rollout weights, so its JSD (and its gradient) is 0; every later step has moved and sees one."""
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2)
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2)
     model, processor = build_tiny(seed=1)
     torch.manual_seed(0)
     micro_batches, stats, _, _ = ral.rollout(model, None, processor, tasks.search_task(2, seed=0, tokens=16), cfg,
@@ -102,7 +103,7 @@ def test_every_mini_batch_count_trains_one_record_per_step(mini_batches):
     exactly one mini-batch, every mini-batch trains, and update returns one record per optimizer step."""
     slices = ral.mini_batch_slices(4, mini_batches)
     assert len(slices) == mini_batches and [i for a, b in slices for i in range(a, b)] == [0, 1, 2, 3]
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=mini_batches, micro_batch=1)
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=mini_batches, micro_batch=1)
     model, _ = build_tiny(seed=1)
     micro_batches = make_rollout(model, cfg)
     model.train()
@@ -292,7 +293,7 @@ def test_prompts_come_in_epochs_without_replacement(world):
 def test_the_endless_stream_never_repeats_and_ignores_ranks():
     """Item i of a stage's stream is the same however it is taken (whole, or in rank shares, or after a resume);
     no prompt repeats, SFT's and RL's streams differ, and none is a held-out sample."""
-    cfg = dict(ral.DEFAULTS, task_tokens=16, seed=3)
+    cfg = dict(cli.DEFAULTS, task_tokens=16, seed=3)
     rl = tasks.offline_stream(cfg, 1)
     whole = [s["id"] for s in rl(0, 150)]
     shares = [s["id"] for start in range(0, 150, 5) for s in tasks.offline_stream(cfg, 1)(start, 5)]
@@ -328,7 +329,7 @@ def test_sft_stops_at_the_first_check_that_samples_the_target(monkeypatch):
     seen = iter([0.1, 0.3, 0.5, 0.9])
     monkeypatch.setattr(sft, "sampled_accuracy", lambda *args: next(seen))
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
-    cfg = dict(ral.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=4, sft_size=0,
+    cfg = dict(cli.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=4, sft_size=0,
                task_tokens=16)
     log = sft.sft(model, processor, None, cfg, "zero", "cpu")
     assert log == dict(steps=9, checks=[dict(step=3, sampled_accuracy=0.1), dict(step=6, sampled_accuracy=0.3),
@@ -341,7 +342,7 @@ def test_sampled_accuracy_at_a_tiny_temperature_is_the_greedy_accuracy():
     model, processor = build_tiny(layers=2, hidden=64, seed=1)
     model.eval()
     samples = tasks.search_task(24, seed=5, tokens=16)
-    cfg = dict(ral.DEFAULTS, temperature=1e-6, max_new_tokens=8)
+    cfg = dict(cli.DEFAULTS, temperature=1e-6, max_new_tokens=8)
     texts = [t for i in range(0, 24, 8) for t in evaluation.respond(model, processor, samples[i:i + 8], "zero", 8,
                                                                     attention=False)["texts"]]
     greedy = sum(data.reward(t, s, "zero")["accuracy"] for t, s in zip(texts, samples)) / 24
@@ -358,7 +359,7 @@ def test_sft_loss_does_not_depend_on_micro_batching(monkeypatch):
     finals = []
     for micro_batch in (0, 3):
         model, processor = build_tiny(layers=1, hidden=64, seed=0)
-        cfg = dict(ral.DEFAULTS, sft_steps=2, sft_batch=7, sft_lr=20.0, micro_batch=micro_batch, grad_clip=1e9)
+        cfg = dict(cli.DEFAULTS, sft_steps=2, sft_batch=7, sft_lr=20.0, micro_batch=micro_batch, grad_clip=1e9)
         sft.sft(model, processor, samples, cfg, "think", "cpu")
         finals.append(torch.cat([w.detach().flatten() for w in model.parameters() if w.requires_grad]))
     start = torch.cat([w.detach().flatten() for w in build_tiny(layers=1, hidden=64, seed=0)[0].parameters()
@@ -372,7 +373,7 @@ def test_grad_probe_against_separate_backwards(lambda_attn):
     """--grad_probe_every: the token and attention gradients' norms, the share lambda|g_a| / (lambda|g_a| + |g_t|)
     and the cosine, against .backward() of each term alone on a copy of the model (numpy for the statistics); the
     two gradients add up to the full loss's (Eq. 4 is linear in its terms)."""
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.04, mini_batches=2)
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, beta=0.04, mini_batches=2)
     model, _ = build_tiny(seed=1)
     micro_batches = make_rollout(model, cfg)
     model.train()
@@ -441,7 +442,7 @@ def test_sft_file_early_stop_holds_out_a_slice_never_trained_on(tmp_path, monkey
     monkeypatch.setattr(sft, "sampled_accuracy", lambda model, processor, val, *a: validated.append(
         [s["id"] for s in val]) or next(seen))
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
-    cfg = dict(ral.DEFAULTS, sft_file=str(path), sft_steps=50, sft_batch=8, sft_stop=0.5, sft_val_every=3,
+    cfg = dict(cli.DEFAULTS, sft_file=str(path), sft_steps=50, sft_batch=8, sft_stop=0.5, sft_val_every=3,
                sft_val_n=128)
     log = sft.sft(model, processor, samples, cfg, "zero", "cpu")
     assert log["steps"] == 6 and [c["sampled_accuracy"] for c in log["checks"]] == [0.2, 0.6]   # the stop fired
@@ -457,7 +458,7 @@ def test_a_data_file_run_with_the_default_stop_is_not_refused(tmp_path):
     """`python ral.py --sft_file=my.json --train_file=...` with every other option at its default runs."""
     path = file_of_searches(tmp_path, 12)
     cfg = ral.configure([f"--sft_file={path}", f"--train_file={path}", f"--out_dir={tmp_path / 'x'}"])
-    assert cfg["sft_stop"] == ral.DEFAULTS["sft_stop"] > 0
+    assert cfg["sft_stop"] == cli.DEFAULTS["sft_stop"] > 0
     results = ral.main([f"--out_dir={tmp_path / 'run'}", f"--sft_file={path}", f"--train_file={path}",
                         f"--eval_file={path}", "--sft_steps=4", "--sft_val_every=2", "--sft_batch=4", "--rl_steps=1",
                         "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--eval_n=2"],
@@ -472,7 +473,7 @@ def test_video_sft_validates_on_video_samples(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(sft, "sampled_accuracy", lambda model, processor, samples, *args: seen.append(samples) or 1.0)
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
-    cfg = dict(ral.DEFAULTS, task="video", task_frames=2, task_tokens=16, sft_steps=3, sft_batch=1, sft_val_every=1,
+    cfg = dict(cli.DEFAULTS, task="video", task_frames=2, task_tokens=16, sft_steps=3, sft_batch=1, sft_val_every=1,
                sft_val_n=2, sft_size=2, train_size=2, out_dir=str(tmp_path / "run"))
     samples = tasks.video_task(2, frames=2, folder=str(tmp_path / "videos"))
     sft.sft(model, processor, samples, cfg, "zero", "cpu")
@@ -489,7 +490,7 @@ def test_a_custom_reward_reaches_the_sft_stop():
         return dict(reward=1.0, accuracy=1.0, format=1.0)
 
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
-    cfg = dict(ral.DEFAULTS, sft_steps=50, sft_batch=2, sft_val_every=2, sft_val_n=3, sft_size=0, task_tokens=16,
+    cfg = dict(cli.DEFAULTS, sft_steps=50, sft_batch=2, sft_val_every=2, sft_val_n=3, sft_size=0, task_tokens=16,
                max_new_tokens=4)
     log = sft.sft(model, processor, None, cfg, "zero", "cpu", reward_fn=always_right)
     assert log == dict(steps=2, checks=[dict(step=2, sampled_accuracy=1.0)]) and len(seen) == 3

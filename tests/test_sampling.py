@@ -4,6 +4,7 @@ exactly those of that distribution; batching generate calls changes no response.
 import pytest
 import torch
 
+import cli
 import data
 import model as policy
 import ral
@@ -56,7 +57,7 @@ def test_batched_rollouts_equal_one_prompt_at_a_time():
     prompts = tasks.search_task(3, seed=4, tokens=16)
     out = {}
     for per_call in (0, 4):         # all 3 groups in one generate call, or one group per call
-        cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=8, generate_batch=per_call)
+        cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=8, generate_batch=per_call)
         out[per_call] = ral.rollout(model, None, processor, prompts, cfg, "think", 5, 2, "cpu", spread_reward)[0]
     assert len(out[0]) == len(out[4])
     for a, b in zip(out[0], out[4]):
@@ -93,7 +94,7 @@ def test_vision_cache_is_exact(kind, tmp_path):
 def test_the_tower_runs_once_per_prompt_per_step():
     model, processor = policy.build_tiny(seed=1)
     calls = count_tower_calls(model)
-    cfg = dict(ral.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2, micro_batch=1)
+    cfg = dict(cli.DEFAULTS, group_size=4, max_new_tokens=6, mini_batches=2, epochs=2, micro_batch=1)
     ref = policy.build_tiny(seed=1)[0].eval()
     ref_calls = count_tower_calls(ref)
     micro_batches = ral.rollout(model, ref, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import data
+import cli
 import model as policy
 import ral
 import tasks
@@ -114,7 +114,7 @@ def rollout_of():
     model, processor = build_tiny(seed=1)
 
     def make(reward_fn=spread_reward, **options):
-        cfg = dict(ral.DEFAULTS, **dict(dict(group_size=4, max_new_tokens=6, beta=0.04), **options))
+        cfg = dict(cli.DEFAULTS, **dict(dict(group_size=4, max_new_tokens=6, beta=0.04), **options))
         torch.manual_seed(0)
         ref = copy.deepcopy(model).eval()
         return ral.rollout(model, ref, processor, tasks.search_task(2, seed=0, tokens=16), cfg, "think", 0, 0, "cpu",
@@ -224,9 +224,9 @@ def test_default_formulas_are_bit_identical_to_before():
     adv, mask = torch.randn(4), (torch.rand(4, 6) > 0.3).float()
     ref[0, 5] = float("-inf")                                     # a padded position's junk stays out
     mask[0, 5] = 0.0
-    weight, norm = ral.loss_weights(mask, ral.DEFAULTS["loss_agg"], ral.DEFAULTS["max_new_tokens"])
-    new = ral.token_loss(logp, old, ref, adv, weight, norm, ral.DEFAULTS["clip_eps"], ral.DEFAULTS["beta"],
-                         ral.DEFAULTS["clip_eps_high"])
+    weight, norm = ral.loss_weights(mask, cli.DEFAULTS["loss_agg"], cli.DEFAULTS["max_new_tokens"])
+    new = ral.token_loss(logp, old, ref, adv, weight, norm, cli.DEFAULTS["clip_eps"], cli.DEFAULTS["beta"],
+                         cli.DEFAULTS["clip_eps_high"])
     before = old_token_loss(logp, old, ref, adv, mask, mask.sum(), 0.2, 0.04)
     assert all(torch.equal(a, b) for a, b in zip(new, before))
     g_new, = torch.autograd.grad(new[0], logp)
@@ -239,7 +239,7 @@ def test_default_formulas_are_bit_identical_to_before():
     before = old_token_loss(edges, zero, zero, torch.ones(2), torch.ones_like(edges), 160.0, 0.2, 0.04)
     assert torch.equal(new[1], before[1]) and 0 < new[1].sum() < 160
     rewards = torch.tensor([1.0, 0.0, 0.3, 0.3, 0.7, 0.1, 0.9, 0.2])
-    assert torch.equal(ral.group_advantages(rewards, 4, scale=ral.DEFAULTS["scale_rewards"] == "group"),
+    assert torch.equal(ral.group_advantages(rewards, 4, scale=cli.DEFAULTS["scale_rewards"] == "group"),
                        old_group_advantages(rewards, 4))
 
 
