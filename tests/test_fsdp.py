@@ -178,7 +178,7 @@ reference, ref_mask = M.generate(plain, proc, prompt, 8, greedy=True)
 assert torch.equal(mask, ref_mask) and torch.equal(ours[mask.bool()], reference[ref_mask.bool()])
 assert (mask.sum(1) == 1 if rank == 0 else mask.sum(1) == 8).all(), mask
 dist.barrier()
-print(f"ok {rank}", flush=True)   # one string: the ranks share stdout, and separate words interleave
+print(f"ok {{rank}}", flush=True)   # one string: the ranks share stdout, and separate words interleave
 """
 
 

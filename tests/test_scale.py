@@ -48,7 +48,7 @@ ours, mask = M.generate(model, processor, batch, 6, greedy=True)
 reference, ref_mask = M.generate(plain, processor, batch, 6, greedy=True)
 assert torch.equal(mask, ref_mask) and torch.equal(ours[mask.bool()], reference[ref_mask.bool()])
 dist.barrier()
-print(f"ok {rank}", flush=True)   # one string: the ranks share stdout, and separate words interleave
+print(f"ok {{rank}}", flush=True)   # one string: the ranks share stdout, and separate words interleave
 """
 
 
