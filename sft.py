@@ -29,7 +29,7 @@ from cli import UsageError
 from data import seed_for
 from tasks import offline_stream
 from model import append_responses, build_tiny, end_ids, generate, load, masked_sum, policy_forward, to_device
-from scale import compute, load_optimizer, load_trainer_state, newest_checkpoint, save_checkpoint, wrap
+from scale import compute, gathered, load_optimizer, load_trainer_state, newest_checkpoint, save_checkpoint, wrap
 
 VAL_SEED = 20_000     # the early stop's validation draws: neither the held-out seed nor the streams' (data.py)
 
@@ -93,7 +93,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     for step in bar:
         if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
             raw.eval()
-            accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step, reward_fn)
+            with gathered(raw):     # FSDP: the weights gathered once for the check's generates, not per token
+                accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step, reward_fn)
             raw.train()
             log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
             if accuracy >= cfg["sft_stop"]:

@@ -124,7 +124,8 @@ def test_fsdp_sft_interrupted_and_continued_matches_one_process(tmp_path):
     global batch within float tolerance. A continuation that lost the optimizer state or the sampler's position
     would be far outside it."""
     args = ["--sft_steps=4", "--sft_batch=4", "--sft_ckpt_every=2", "--sft_size=8", "--tiny_layers=1",
-            "--tiny_hidden=64", "--rl_steps=0", "--eval_n=0"]
+            "--tiny_hidden=64", "--rl_steps=0", "--eval_n=0", "--sft_val_every=3", "--sft_val_n=4"]   # one early-
+    # stop check at step 3, its generates on the weights gathered once (scale.gathered), the same on both ranks
     ral.main([f"--out_dir={tmp_path / 'one' / 'run'}", *args], reward_fn=spread_reward)
     out = launch(STOPPED.format(root=ROOT), [f"--out_dir={tmp_path / 'fsdp' / 'run'}", *args, "--fsdp=True"], 2, 4,
                  tmp_path)
