@@ -27,7 +27,7 @@ memory: per-GPU bytes of the training state (fp32 master weights, gradients, Ada
     then a step of each preset (config/qwen3b_8gpu.py, qwen7b) at its longest input, whole: activations
     (activation_memory, counted from the code and tested against a measured step), FSDP's units in flight, the
     rollout's gathered bf16 copy, KV cache and prefill, and the per-GPU peak against 80 GB.
-gpu: the checks that need a CUDA GPU, each a row of one markdown table (gpu_check.md); see gpu_check.
+gpu: the checks that need a CUDA GPU, each a row of one markdown table (gpu_check.md): gpu_check.py.
 Results go to a markdown table on stdout and to bench.json.
 
 Threads: the default is one torch thread. On a machine shared with other jobs, torch's default (one thread per
@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -58,7 +57,7 @@ import data
 import eval as evaluation
 import ral
 import tasks
-from model import attention_policy, build_tiny, capturing, policy_forward, prepare, ral_sdpa, training_memory
+from model import attention_policy, build_tiny, capturing, policy_forward, ral_sdpa, training_memory
 
 KERNEL = dict(sdpa="sdpa", capture="ral_sdpa", eager="eager")
 
@@ -598,160 +597,6 @@ def print_tables(results):
         print("| under 80 GB | | " + " | ".join("yes" if p["rows"]["peak"] < 80e9 else "no" for p in presets) + " |")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# python bench.py --what gpu: one command that checks a CUDA GPU. Every check is wrapped, so a failure is a row of
-# the table and the others still run.
-
-def real_geometry(name="7B", layers=2, device="cuda"):
-    """A random Qwen2.5-VL with the released `name` text geometry (attention shape, MLP, vocabulary) cut to `layers`
-    decoder layers, a tiny vision tower, bf16 weights as FSDP gathers them on GPU, the capture kernel on."""
-    text = dict(QWEN25_VL[name], num_hidden_layers=layers,
-                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]))
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=text["hidden_size"])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
-    config.eos_token_id, config.pad_token_id = 151645, 151643             # the released checkpoints' ids
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    return prepare(model)
-
-
-def real_geometry_step(name="7B", layers=2, batch=2, seq=9344, rows=1024, device="cuda"):
-    """One RL update micro-batch (policy_forward with the capture, Eq. 4's loss, backward) of real_geometry at the
-    preset's shape, checkpointing on, a padded batch: the peak CUDA memory above weights and gradients, against
-    activation_memory's peak for the cut model, and the measured peak scaled to the full depth (each further layer
-    adds its checkpointed input)."""
-    model = real_geometry(name, layers, device).train()
-    model.activation_checkpointing_enable(dict(use_reentrant=False))
-    text = dict(QWEN25_VL[name], num_hidden_layers=layers)
-    b = random_batch(text["vocab_size"] - 1000, batch, seq)
-    b["attention_mask"][0, :3] = 0
-    b = {k: v.to(device) for k, v in b.items()}
-    z = lambda *s: torch.zeros(*s, device=device)
-    mb = dict(old_logp=z(batch, rows), ref_logp=z(batch, rows), adv=torch.ones(batch, device=device),
-              mask=torch.ones(batch, rows, device=device), weight=torch.ones(batch, rows, device=device),
-              old_p=torch.full((batch, rows, seq), 1.0 / seq, device=device))
-    for w in model.parameters():
-        w.grad = torch.zeros_like(w) if w.requires_grad else None
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-    base, t0, meter = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter(), LiveBytes()
-    with torch.autocast(device.split(":")[0], torch.bfloat16), meter if not cuda else nullcontext():
-        logp, p, logprobs = policy_forward(model, b, rows, full=True)         # as ral.rl_loss calls it
-        loss, _ = ral.rl_terms(logp, p, logprobs, mb, torch.tensor(float(batch * rows), device=device), 0.2, 0.04,
-                               1.0)
-        del logprobs
-        loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base if cuda else meter.peak
-    counted = activation_memory(text, batch, seq, rows, 2, True)["peak"]
-    full = peak + (QWEN25_VL[name]["num_hidden_layers"] - layers) * batch * seq * text["hidden_size"] * 2
-    return (f"{name} geometry, {layers} layers, B {batch} x T {seq} (R {rows}): {time.perf_counter() - t0:.2f} s, "
-            f"activation peak {peak / 1e9:.2f} GB (activation_memory counts {counted / 1e9:.2f}: ratio "
-            f"{peak / counted:.2f}; the peak also holds weight gradients made in backward, up to V x H bf16 = "
-            f"{text['vocab_size'] * text['hidden_size'] * 2 / 1e9:.2f} GB for the head or the embeddings); scaled to "
-            f"{QWEN25_VL[name]['num_hidden_layers']} layers {full / 1e9:.2f} GB")
-
-
-FSDP_GENERATE = """
-import os, sys, time, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import bench, model as M, scale
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
-device = {device!r}
-dist.init_process_group("nccl" if device == "cuda" else "gloo")
-if device == "cuda":
-    torch.cuda.set_device(0)
-sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-policy = bench.real_geometry("7B", {layers}, device).float().eval()
-_, processor = M.build_tiny()
-policy.config.eos_token_id = policy.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-policy.config.pad_token_id = policy.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-scale.shard(policy, 1, device, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-ids = torch.randint(1000, 100000, ({batch}, {prompt}), device=device)
-batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-def run(gather_once):
-    if gather_once:   # FSDP2's own calls: every unit gathered before generate, resharded after (the root keeps
-        for u in units:   # its own setting: FSDP never reshards it after a forward)
-            if u is not policy: u.set_reshard_after_forward(False)
-            u.unshard()
-    sync(); t0 = time.perf_counter()
-    out, mask = M.generate(policy, processor, batch, {new}, greedy=True)
-    sync(); dt = time.perf_counter() - t0
-    if gather_once:
-        for u in units:
-            u.reshard()
-            if u is not policy: u.set_reshard_after_forward(True)
-    return mask.sum().item() / dt, out
-for warm in (True, False):
-    per_token, a = run(False)
-    once, b = run(True)
-print(f"RESULT per-token gathers {{per_token:.1f}} tokens/s, gathered once {{once:.1f}} tokens/s "
-      f"({{once / per_token:.2f}}x), same tokens {{torch.equal(a, b)}}")
-"""
-
-
-def gpu_check(out_path, limit_s=460):
-    """Runs each check on one CUDA GPU within about limit_s seconds; returns the rows (check, ok, detail) and
-    writes them as one markdown table to out_path."""
-    root, started, rows = os.path.dirname(os.path.abspath(__file__)), time.time(), []
-    tmp = os.path.join(root, "out", "gpu_check")
-
-    def check(name, fn):
-        if time.time() - started > limit_s:
-            return rows.append((name, "skipped", f"past the {limit_s} s budget"))
-        t0 = time.time()
-        try:
-            rows.append((name, "ok", f"{fn()} ({time.time() - t0:.0f} s)"))
-        except Exception as e:                         # one failure is a row; the rest still run
-            rows.append((name, "FAILED", f"{type(e).__name__}: {str(e)[-300:]}".replace("|", "/").replace("\n", " ")))
-        print(f"  gpu check: {rows[-1][0]}: {rows[-1][1]}", file=sys.stderr)
-
-    def command(args, timeout, env=None):
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=root,
-                              env=dict(os.environ, OMP_NUM_THREADS="4", **(env or {})))
-        if proc.returncode:
-            raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-600:]}")
-        return proc.stdout
-
-    def tiny_run(tag, launcher):
-        args = ["ral.py", "--sft_steps=100", "--sft_stop=0", "--rl_steps=2", "--prompts_per_step=4", "--eval_n=16",
-                f"--out_dir={tmp}/{tag}", f"--warm_dir={tmp}/warm", "--device=auto"]
-        command(launcher + args + (["--fsdp=True"] if tag == "fsdp" else []), 240)
-        with open(os.path.join(tmp, tag, "metrics.jsonl")) as f:
-            last = json.loads(f.readlines()[-1])
-        return ", ".join(f"{k} {last[k]:.3g}" for k in ("reward", "accuracy", "kl", "attn_jsd", "grad_norm", "time_step"))
-
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    device = torch.cuda.get_device_name(0)
-    check("tests with a CUDA path (pytest -m device, RAL_TEST_DEVICE=cuda)", lambda: command(
-        [sys.executable, "-m", "pytest", "-q", "-m", "device", "tests"], 240,
-        dict(RAL_TEST_DEVICE="cuda")).strip().splitlines()[-1])
-    check("tiny default, bf16 autocast (python ral.py, small settings)", lambda: tiny_run("plain", [sys.executable]))
-    check("tiny default, --fsdp=True, one-rank torchrun (nccl)", lambda: tiny_run("fsdp", torchrun))
-    check("one RL update micro-batch, 7B geometry cut to 2 layers, peak memory", real_geometry_step)
-    for T in (4096, 8192):
-        check(f"capture at the 7B final layer, T = {T}, bf16: ours / last layer eager / sdpa", lambda: "; ".join(
-            f"{r['variant']} {r['time_s'] * 1e3:.1f} ms, peak {mib(r['peak_bytes'])} MiB, saved "
-            f"{mib(r['saved_bytes'])} MiB" for r in bench_layer([T], 1024, 1, 3, "cuda", torch.bfloat16)))
-    script = os.path.join(tmp, "fsdp_generate.py")
-    os.makedirs(tmp, exist_ok=True)
-    with open(script, "w") as f:
-        f.write(FSDP_GENERATE.format(root=root, layers=4, batch=8, prompt=512, new=128, device="cuda"))
-    check("rollout tokens/s under FSDP (one rank, 7B geometry cut to 4 layers, 8 x 512 prompt, 128 new tokens): "
-          "per-token gathers vs gathered once (FSDP2's unshard/reshard)",
-          lambda: command(torchrun + [script], 240).split("RESULT ")[-1].strip())
-    table = [f"### GPU check: {device}, torch {torch.__version__}, {time.time() - started:.0f} s\n",
-             "| check | result | detail |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    print("\n".join(table))
-    with open(out_path, "w") as f:
-        f.write("\n".join(table) + "\n")
-    return rows
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--what", default="capture,layer,step,rollout,memory",
@@ -784,7 +629,8 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("no CUDA device here: python bench.py --what gpu checks a GPU and needs one")
             return None
-        return gpu_check(args.gpu_out)
+        import gpu_check      # the GPU's own checks, beside this file; they use its benchmarks
+        return gpu_check.gpu_check(args.gpu_out)
     results = dict(env=dict(torch=torch.__version__, threads=torch.get_num_threads(),
                             load_avg_start=os.getloadavg()[0], cuda=torch.cuda.is_available()))
     if "capture" in what:
