@@ -108,6 +108,8 @@ for warm in (True, False):
     once, b = run(True)
 print(f"RESULT per-token gathers {{per_token:.1f}} tokens/s, gathered once {{once:.1f}} tokens/s "
       f"({{once / per_token:.2f}}x), same tokens {{torch.equal(a, b)}}")
+dist.barrier()
+dist.destroy_process_group()   # torn down before exit: gloo's threads left running abort the process
 """
 
 

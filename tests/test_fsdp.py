@@ -180,6 +180,8 @@ assert torch.equal(mask, ref_mask) and torch.equal(ours[mask.bool()], reference[
 assert (mask.sum(1) == 1 if rank == 0 else mask.sum(1) == 8).all(), mask
 dist.barrier()
 print(f"ok {{rank}}", flush=True)   # one string: the ranks share stdout, and separate words interleave
+dist.barrier()
+dist.destroy_process_group()   # torn down before exit: gloo's threads left running abort the process
 """
 
 
@@ -306,6 +308,8 @@ for m, dtype in ((model, torch.float32), (bf16, torch.bfloat16)):
     assert held == expected > 0, (held, expected)
 dist.barrier()
 print("counts", rank, counts)
+dist.barrier()
+dist.destroy_process_group()   # torn down before exit: gloo's threads left running abort the process
 """
 
 

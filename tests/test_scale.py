@@ -49,6 +49,8 @@ reference, ref_mask = M.generate(plain, processor, batch, 6, greedy=True)
 assert torch.equal(mask, ref_mask) and torch.equal(ours[mask.bool()], reference[ref_mask.bool()])
 dist.barrier()
 print(f"ok {{rank}}", flush=True)   # one string: the ranks share stdout, and separate words interleave
+dist.barrier()
+dist.destroy_process_group()   # torn down before exit: gloo's threads left running abort the process
 """
 
 
@@ -175,6 +177,7 @@ assert total == whole and abs(mine - whole / world) < 0.05 * whole, (mine, whole
 print(f"rank {{rank}} holds {{mine}} of {{int(whole)}} optimizer bytes")
 
 dist.barrier()
+dist.destroy_process_group()   # torn down before exit: gloo's threads left running abort the process
 """
 
 
