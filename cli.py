@@ -129,6 +129,8 @@ OPTIONS = dict(   # name: (default, meaning)
     sft_steps=(1500, "stage 1: supervised warm-start steps (0: start RL from init_from as it is)"),
     sft_batch=(16, "SFT sequences per step, over all ranks"),
     sft_lr=(5e-4, "SFT peak learning rate (20 warmup steps, then cosine)"),
+    sft_tower_lr=(0.0, "> 0: SFT trains the vision tower and merger too, at this peak rate on the same schedule (RL "
+                       "keeps them frozen); 0: frozen in both stages, as the paper"),
     sft_stop=(0.4, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
                    "reaches this, so the warm start lands at a chosen competence whatever the seed"),
     sft_val_every=(25, "SFT steps between validation checks (with sft_stop)"),
@@ -215,7 +217,7 @@ def check(cfg):
                 "dist_timeout"):
         need(cfg[key] >= (0 if key == "rl_steps" else 1), f"--{key} must be positive, got {cfg[key]}")
     for key in ("sft_steps", "eval_n", "eval_every", "micro_batch", "generate_batch", "train_size", "sft_size", "beta",
-                "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every"):
+                "warmup", "rl_epochs", "lambda_attn", "sft_ckpt_every", "sft_tower_lr"):
         need(cfg[key] >= 0, f"--{key} must be >= 0, got {cfg[key]}")
     need(cfg["dtype"] in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {cfg['dtype']!r}")
     need(cfg["loss_agg"] in ("token", "sequence", "constant"),
@@ -247,6 +249,8 @@ def check(cfg):
     need(cfg["init_from"] != "tiny" or -cfg["tiny_layers"] <= cfg["attn_layer"] < cfg["tiny_layers"],
          f"--attn_layer={cfg['attn_layer']} is not a decoder layer of the tiny model (--tiny_layers="
          f"{cfg['tiny_layers']}: use -{cfg['tiny_layers']} .. {cfg['tiny_layers'] - 1})")
+    need(not (cfg["sft_tower_lr"] and cfg["fsdp"]), "--sft_tower_lr trains the tower, which FSDP keeps as an "
+         "untrained replica (scale.replicate_tower): not with --fsdp=True")
     need(cfg["grad_probe_every"] >= 0, f"--grad_probe_every must be >= 0, got {cfg['grad_probe_every']}")
     need(not (cfg["grad_probe_every"] and cfg["fsdp"]), "--grad_probe_every needs whole gradients on each rank: "
          "not with --fsdp=True")

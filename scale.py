@@ -74,9 +74,10 @@ def replicate_tower(model, device):
     """The frozen vision tower and merger as a plain replica on every rank, on the device, its weights bf16 on GPU
     (the reference's dtype; its rotary inv_freq buffer stays fp32, as from_pretrained keeps it). Frozen, it needs no
     gradients or optimizer state; sharded, it would be gathered once per call, and ranks whose micro-batches hold
-    different media (image + video: two calls, two images: one, text: none) would fall out of step."""
+    different media (image + video: two calls, two images: one, text: none) would fall out of step. A tower SFT
+    trains (--sft_tower_lr, not under FSDP) keeps fp32 master weights, as the LLM's."""
     visual = model.model.visual.to(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not any(w.requires_grad for w in visual.parameters()):   # trained: fp32 master
         for w in visual.parameters():
             w.data = w.data.to(torch.bfloat16)
     return model

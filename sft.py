@@ -70,8 +70,12 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
     model already holds its weights). reward_fn scores the stop's samples."""
     tok = processor.tokenizer
+    tower = {id(w) for w in getattr(model, "module", model).model.visual.parameters()}
     params = [w for w in model.parameters() if w.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
+    # the tower (trained only with --sft_tower_lr) has its own peak rate, on the same schedule
+    groups = [dict(params=[w for w in params if id(w) not in tower], peak=cfg["sft_lr"]),
+              dict(params=[w for w in params if id(w) in tower], peak=cfg["sft_tower_lr"])]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["sft_lr"], weight_decay=cfg["weight_decay"])
     g = torch.Generator().manual_seed(cfg["seed"])
     per_rank = max(1, cfg["sft_batch"] // world)
     stream = offline_stream(cfg, 0) if samples is None else None
@@ -101,9 +105,9 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
                 log["steps"] = step
                 break
         # each lr step: linear warmup then cosine decay, so the small model settles
-        lr = cfg["sft_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
+        scale = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["peak"] * scale
         if stream:
             chosen = stream(step * per_rank * world + rank * per_rank, per_rank)
         else:
@@ -144,7 +148,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
 # Every option that changes what SFT produces; with the task's own options (tasks.TASKS), the data file's
 # content and the code (code_hash), they name the warm start.
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
-             "sft_batch", "sft_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype", "compute_dtype")
+             "sft_batch", "sft_lr", "sft_tower_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
+             "compute_dtype")
 STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
@@ -230,6 +235,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.rewar
     else:
         model, processor = load(cfg["init_from"], place, dtype)
     if cfg["sft_steps"]:
+        model.model.visual.requires_grad_(cfg["sft_tower_lr"] > 0)    # prepare froze it; RL's load freezes it again
         if cfg["grad_checkpointing"]:
             model.activation_checkpointing_enable(dict(use_reentrant=False))
         model = wrap(model, cfg, world, device)

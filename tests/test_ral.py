@@ -430,6 +430,30 @@ def file_of_searches(tmp_path, n):
     return path
 
 
+def test_sft_tower_lr_trains_the_tower_at_its_own_rate_and_rl_freezes_it(tmp_path):
+    """--sft_tower_lr: the tower and merger join SFT in a param group of their own. AdamW's first step moves every
+    weight with a gradient by the step's rate (m/sqrt(v) = g/|g|), 1/20 of the peak in warmup: so the largest move
+    is 0.05 x sft_lr in the LLM and 0.05 x sft_tower_lr in the tower. Reloaded for RL, the tower is frozen again;
+    at the default 0 it never moves."""
+    moved = {}
+    for tower_lr in (0.0, 1e-3):
+        cfg = ral.configure([f"--out_dir={tmp_path / f'run{tower_lr}'}", "--tiny_layers=1", "--tiny_hidden=64",
+                             "--sft_steps=1", "--sft_stop=0", "--sft_lr=1e-2", f"--sft_tower_lr={tower_lr}"])
+        path = sft.warm_start(cfg, None, "zero", "cpu", 0, 1)
+        start = dict(build_tiny(layers=1, hidden=64, seed=cfg["seed"])[0].named_parameters())
+        model = load(path, "cpu")[0]
+        assert not any(w.requires_grad for w in model.model.visual.parameters())
+        delta = {n: (w.detach() - start[n].detach()).abs().max().item() for n, w in model.named_parameters()}
+        moved[tower_lr] = (max(d for n, d in delta.items() if ".visual." not in n),
+                           max(d for n, d in delta.items() if ".visual." in n))
+    assert moved[0.0][1] == 0.0
+    for tower_lr, (llm, tower) in moved.items():
+        assert llm == pytest.approx(0.05 * 1e-2, rel=1e-3), moved
+    assert moved[1e-3][1] == pytest.approx(0.05 * 1e-3, rel=1e-3), moved
+    with pytest.raises(ral.UsageError, match="--sft_tower_lr"):
+        ral.configure([f"--out_dir={tmp_path / 'x'}", "--sft_tower_lr=1e-4", "--fsdp=True"])
+
+
 def test_sft_file_early_stop_holds_out_a_slice_never_trained_on(tmp_path, monkeypatch):
     """--sft_stop with --sft_file: the early stop validates on min(sft_val_n, 10% of the file) of its records,
     a fixed slice, and SFT never trains on them; the stop fires at the first check that reaches the target."""
