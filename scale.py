@@ -64,7 +64,10 @@ def wrap(model, cfg, world, device):
     if not cfg["fsdp"]:
         replicate_tower(model, device)
         # gradient_as_bucket_view: DDP's buckets are the gradients, not a second copy of them
-        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
+        # a tower SFT trains (--sft_tower_lr) is unused on a rank whose batch is text alone: DDP must look for that
+        trains_tower = any(w.requires_grad for w in model.model.visual.parameters())
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True,
+                                                         find_unused_parameters=trains_tower) if world > 1 else model
     bf16 = device.startswith("cuda")
     return shard(model, world, device, MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                                             reduce_dtype=torch.float32 if bf16 else None))

@@ -221,3 +221,22 @@ def test_eight_ranks_ddp_and_fsdp_match_one_process(tmp_path):
         assert other_row["no_spread_groups"] == row["no_spread_groups"]       # the same rollouts, spread over ranks
         diff = max((one[k] - other[k]).abs().max().item() for k in one if "k_proj.bias" not in k)   # see test_fsdp
         assert moved > 1e-4 and diff < 1e-3 * moved, (name, moved, diff)
+
+
+def test_sft_tower_lr_on_two_ddp_ranks_matches_one_process(tmp_path):
+    """--sft_tower_lr under DDP: the tower's gradients are averaged over the ranks like the LLM's, so 2 SFT steps on
+    2 ranks give one process's warm start, tower included, within float tolerance."""
+    args = ["--sft_steps=2", "--sft_stop=0", "--sft_batch=4", "--sft_lr=1e-2", "--sft_tower_lr=1e-2", "--rl_steps=0",
+            "--eval_n=0", "--tiny_layers=1", "--tiny_hidden=64"]
+    warm = {}
+    for name, world in (("one", 1), ("ddp", 2)):
+        launch(SCRIPT.format(root=ROOT), [f"--out_dir={tmp_path / name / 'run'}", *args], world, name, tmp_path)
+        (folder,) = (tmp_path / name).glob("warm-*")
+        warm[name] = params_of(str(folder))
+    init = build_tiny(layers=1, hidden=64, seed=0)[0].state_dict()
+    a, b = warm["one"], warm["ddp"]
+    for part in (lambda k: ".visual." in k, lambda k: ".visual." not in k and "k_proj.bias" not in k):
+        keys = [k for k in a if part(k)]
+        moved = max((a[k] - init[k]).abs().max().item() for k in keys)
+        diff = max((a[k] - b[k]).abs().max().item() for k in keys)
+        assert moved > 1e-4 and diff < 1e-3 * moved, (moved, diff)
