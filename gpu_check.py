@@ -20,7 +20,8 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import ral
-from bench import QWEN25_VL, LiveBytes, activation_memory, bench_layer, mib, random_batch
+from bench import LiveBytes, bench_layer, mib, random_batch
+from memory import QWEN25_VL, activation_memory
 from model import policy_forward, prepare
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import bench
+import memory
 import ral
 from model import policy_forward, prepare
 
@@ -54,7 +55,7 @@ def test_memory_table_from_the_real_configs():
     """Meta-device Qwen2.5-VL configs: the 7B has 8.29 B parameters (7.62 B trainable in the LLM); with fp32 master
     weights its training state does not fit an 80 GB GPU in DDP and does in FSDP over 8, with the bf16 copy of the
     LLM that FSDP gathers for generation."""
-    rows = {(r["model"], r["mode"]): r for r in bench.bench_memory(8)}
+    rows = {(r["model"], r["mode"]): r for r in memory.bench_memory(8)}
     ddp, fsdp = rows["Qwen2.5-VL-7B", "DDP"], rows["Qwen2.5-VL-7B", "FSDP"]
     assert abs(ddp["params"] / 1e9 - 8.29) < 0.01 and abs(ddp["gradients"] / 4e9 - 7.62) < 0.01
     trainable = ddp["gradients"] / 4
@@ -97,7 +98,7 @@ def measured_step(layers, hidden, heads, kv_heads, intermediate, B, T, R, dtype,
     t = config.text_config
     sizes = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=layers,
                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=t.vocab_size)
-    return held, live.peak, bench.activation_memory(sizes, B, T, R, 2 if dtype == torch.bfloat16 else 4,
+    return held, live.peak, memory.activation_memory(sizes, B, T, R, 2 if dtype == torch.bfloat16 else 4,
                                                     checkpointing)
 
 
@@ -120,9 +121,9 @@ def test_memory_whole_for_the_presets():
     """The 7B preset (micro-batch 2, 1024 new tokens, the longest video: 64 temporal patches x 128 tokens) by hand:
     the checkpointed layer inputs are 28 x B x T x 3584 bf16 values, the mask B x T^2 booleans, the gathered copy
     2 bytes per LLM parameter (the tower is a replica); the per-GPU peak is under 80 GB."""
-    rows = {p["model"]: p for p in bench.bench_memory_whole(8)}
+    rows = {p["model"]: p for p in memory.bench_memory_whole(8)}
     p = rows["Qwen2.5-VL-7B"]
-    T = 8192 + bench.PROMPT_TEXT_TOKENS + 1024
+    T = 8192 + memory.PROMPT_TEXT_TOKENS + 1024
     assert p["T"] == T and p["micro_batch"] == 2 and p["checkpointing"] and p["sequences"] == 8
     r = p["rows"]
     assert r["act_layer_inputs"] == 28 * 2 * T * 3584 * 2 and r["act_mask"] == 2 * T * T
