@@ -70,7 +70,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
     model already holds its weights). reward_fn scores the stop's samples."""
     tok = processor.tokenizer
-    tower = {id(w) for w in getattr(model, "module", model).model.visual.parameters()}
+    raw = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
+    tower = {id(w) for w in raw.model.visual.parameters()}
     params = [w for w in model.parameters() if w.requires_grad]
     # the tower (trained only with --sft_tower_lr) has its own peak rate, on the same schedule
     groups = [dict(params=[w for w in params if id(w) not in tower], peak=cfg["sft_lr"]),
@@ -88,7 +89,7 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
     elif cfg["sft_stop"]:
         val = tasks.TASKS[cfg["task"]]["make"](cfg["sft_val_n"], VAL_SEED, tasks.task_options(cfg["task"], cfg),
                                               os.path.join(cfg["out_dir"], "media"))
-    raw, log, first = getattr(model, "module", model), dict(steps=cfg["sft_steps"], checks=[]), 0
+    log, first = dict(steps=cfg["sft_steps"], checks=[]), 0
     if state:   # everything else SFT draws is a function of the step (lr, stream, validation seeds)
         load_optimizer(raw, opt, state["optimizer"], cfg["fsdp"])
         g.set_state(state["sampler"])

@@ -447,7 +447,7 @@ def test_sft_tower_lr_trains_the_tower_at_its_own_rate_and_rl_freezes_it(tmp_pat
         moved[tower_lr] = (max(d for n, d in delta.items() if ".visual." not in n),
                            max(d for n, d in delta.items() if ".visual." in n))
     assert moved[0.0][1] == 0.0
-    for tower_lr, (llm, tower) in moved.items():
+    for llm, _ in moved.values():
         assert llm == pytest.approx(0.05 * 1e-2, rel=1e-3), moved
     assert moved[1e-3][1] == pytest.approx(0.05 * 1e-3, rel=1e-3), moved
     with pytest.raises(ral.UsageError, match="--sft_tower_lr"):
