@@ -52,7 +52,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, eager_attention_forward
 
 import cli
-import eval as evaluation
+import runs
 import ral
 import tasks
 from memory import bench_memory, bench_memory_whole, print_memory_tables
@@ -459,7 +459,7 @@ def main(argv=None):
     results["env"]["load_avg_end"] = os.getloadavg()[0]
     print_tables(results)
     if args.out:
-        evaluation.write_json(results, args.out)
+        runs.write_json(results, args.out)
     return results
 
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig
 
 import data
-import eval as evaluation
+import runs
 import ral
 import scale
 import sft
@@ -143,7 +143,7 @@ def teacher_and_student(cfg, sft_samples, mode, device, rank, world, reward_fn=d
     """Make or find the teacher and the student's starting point (warm starts, reused when their recipe matches),
     and check that the pair shares tokenization before any training."""
     if cfg["teacher"]:
-        teacher_path = evaluation.weights_dir(cfg["teacher"]) if os.path.isdir(cfg["teacher"]) else cfg["teacher"]
+        teacher_path = runs.weights_dir(cfg["teacher"]) if os.path.isdir(cfg["teacher"]) else cfg["teacher"]
         problem = check_source(teacher_path)
         if problem:
             raise UsageError(f"--teacher: {problem}")
@@ -166,7 +166,7 @@ def main(argv, reward_fn=data.reward):
     rank, world, device = scale.setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = ral.load_samples(cfg, rank, world)
     if rank == 0:   # before SFT, as ral.main: --resume=True then knows a run killed before its first checkpoint
-        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
+        runs.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     mode = "zero" if cfg["zero"] else "think"
     teacher_path, start = teacher_and_student(cfg, sft_samples, mode, device, rank, world, reward_fn)
     dtype = getattr(torch, cfg["teacher_dtype"]) if cfg["teacher_dtype"] else None

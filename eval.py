@@ -40,8 +40,8 @@ import model as policy
 import tasks
 from tasks import EVAL_N, EVAL_SEED
 from cli import import_function
-
-
+from runs import filed_as, method_name, read_json, reward_label, run_config, run_mode, save_eval, saved_results, \
+    suite_of, weights_dir
 
 SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
 # The held-out draw (EVAL_N samples with EVAL_SEED) has one owner, tasks.py: ral.py's eval_n defaults to it too, so
@@ -393,17 +393,8 @@ def plot_curves(metrics_path, png_path, labels, results=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints, runs and tables
 
-def weights_dir(path):
-    """ral.py's run folder keeps its weights in <run>/ckpt; accept either the run folder or the weights folder."""
-    inner = os.path.join(path, "ckpt")
-    return inner if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(inner) else path
 
 
-def run_config(path):
-    """The trainer's run_config.json, beside the weights or one folder up ({} for other checkpoints)."""
-    folder = weights_dir(path)
-    return read_json(os.path.join(folder, "run_config.json")) or read_json(
-        os.path.join(os.path.dirname(os.path.normpath(folder)), "run_config.json"))
 
 
 def load_model(ckpt, device="cpu"):
@@ -424,50 +415,18 @@ def response_tokens(path, mode):
                                                       ANSWER_TOKENS)
 
 
-def run_mode(path):
-    """RAL-zero checkpoints answer without thinking: the trainer's config says so, else the folder name."""
-    cfg = run_config(path)
-    if "zero" in cfg:
-        return "zero" if cfg["zero"] else "think"
-    mode = read_json(os.path.join(weights_dir(path), "eval.json")).get("mode")
-    if mode in ("think", "zero"):
-        return mode
-    return "zero" if "zero" in os.path.basename(os.path.normpath(path)) else "think"
 
 
-def filed_as(name, n, reward=None):
-    """The key of a result in eval.json: its suite, its number of samples and, if not data.reward, its reward.
-    Results on other samples (another n) or scored otherwise sit beside each other; none replaces another."""
-    return f"{name} n={n}" + (f" reward={reward}" if reward else "")
 
 
-def reward_label(reward_fn):
-    """How a result names the reward that scored it: None for data.reward, else module.function."""
-    return None if reward_fn is data.reward else f"{reward_fn.__module__}.{reward_fn.__qualname__}"
 
 
-def suite_of(key):
-    return key.rpartition(" n=")[0] or key
 
 
-def stored_suites(path):
-    """The results in an eval.json, keyed by filed_as (an older file, keyed by suite alone, is read the same)."""
-    suites = read_json(path).get("suites", {})
-    return {k if " n=" in k else filed_as(k, r["n"]): r for k, r in suites.items()}
 
 
-def saved_results(path):
-    """eval.json beside the weights: dict(ckpt, mode, suites={filed_as(name, n): evaluate's result}), or {}."""
-    out = os.path.join(weights_dir(path), "eval.json")
-    return dict(read_json(out), suites=stored_suites(out)) if os.path.isfile(out) else {}
 
 
-def save_eval(path, mode, suites, out=None):
-    """Add results ({suite name: evaluate's result}) to eval.json (default: beside the weights at path), each under
-    filed_as(name, its n): the one writer of its schema, used by the trainer and by this file."""
-    out = out or os.path.join(weights_dir(path), "eval.json")
-    new = {filed_as(name, r["n"], r.get("reward")): r for name, r in suites.items()}
-    write_json(dict(ckpt=path, mode=mode, suites={**stored_suites(out), **new}), out)
 
 
 def find_result(results, name, n=None, reward_fn=data.reward):
@@ -491,19 +450,8 @@ def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16
     return results
 
 
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
-def write_json(obj, path):
-    """Atomic: a crash mid-write never leaves a half-written eval.json behind for --compare to read."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def run_results(path, names, n=None, device="cpu", mode=None, **kw):
@@ -521,9 +469,6 @@ def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     return results
 
 
-def method_name(path):
-    """out/ral-s1 -> ral: seeds of one method share a name up to a trailing -s<digits>."""
-    return re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(path)))
 
 
 def cell(results, metric="accuracy"):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import runs
 import tasks
 from cli import OPTIONS, UsageError, check, cli, import_function, parse
 from data import epoch_prompts, seed_for
@@ -472,7 +473,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         cfg = dict(cfg, rl_steps=math.ceil(cfg["rl_epochs"] * len(train_samples) / cfg["prompts_per_step"]))
     out, mode, ckpt = cfg["out_dir"], "zero" if cfg["zero"] else "think", os.path.join(cfg["out_dir"], "ckpt")
     if rank == 0:
-        evaluation.write_json(cfg, os.path.join(out, "run_config.json"))
+        runs.write_json(cfg, os.path.join(out, "run_config.json"))
     t_start = time.time()
     torch.manual_seed(cfg["seed"] + rank)
     autocast = compute(cfg, device)
@@ -537,11 +538,11 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     evaluate("after_rl")
     if rank == 0:
         results["wall_time_s"] = time.time() - t_start
-        evaluation.write_json(results, os.path.join(out, "results.json"))
+        runs.write_json(results, os.path.join(out, "results.json"))
         if os.path.getsize(metrics_path):
             evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), {**METRICS, **dict(extra_stats)})
         if held_out:
-            evaluation.save_eval(ckpt, mode, {suite: results["after_rl"]})
+            runs.save_eval(ckpt, mode, {suite: results["after_rl"]})
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]
             print(f"held-out accuracy {b:.3f} -> {a:.3f} after {name}")
         print(f"results, curves and samples in {out}/, checkpoint in {ckpt}/ ({results['wall_time_s']:.0f} s)")
@@ -563,7 +564,7 @@ def main(argv, reward_fn=data.reward):
     rank, world, device = setup_distributed(cfg)
     sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
-        evaluation.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
+        runs.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
         print(plan(cfg, suite))
     start = warm_start(cfg, sft_samples, "zero" if cfg["zero"] else "think", device, rank, world, reward_fn)
     name = cfg["algo"] + ("-zero" if cfg["zero"] else "")

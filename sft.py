@@ -23,7 +23,7 @@ import transformers
 from tqdm import tqdm
 
 import data
-import eval as evaluation
+import runs
 import tasks
 from cli import UsageError
 from data import seed_for
@@ -212,7 +212,7 @@ def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.rewar
     recipe = warm_recipe(cfg, reward_fn)
     path = cfg["warm_dir"] or warm_path(cfg, recipe)
     if os.path.exists(os.path.join(path, "config.json")):
-        saved = evaluation.read_json(os.path.join(path, "recipe.json"))
+        saved = runs.read_json(os.path.join(path, "recipe.json"))
         if cfg["warm_dir"] and saved and saved != recipe:
             changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
             raise UsageError(f"--warm_dir={path} holds a warm start of another recipe (differs in {changed})")
@@ -244,9 +244,9 @@ def warm_start(cfg, sft_samples, mode, device, rank, world, reward_fn=data.rewar
         model = getattr(model, "module", model)     # DDP's replica (FSDP shards in place)
     save_checkpoint(path, model, processor, None, dict(stage="sft"), rank)
     if rank == 0:
-        evaluation.write_json(recipe, os.path.join(path, "recipe.json"))
+        runs.write_json(recipe, os.path.join(path, "recipe.json"))
         if cfg["sft_steps"]:
-            evaluation.write_json(log, os.path.join(path, "sft_log.json"))
+            runs.write_json(log, os.path.join(path, "sft_log.json"))
         for folder in (partial, partial + ".tmp", partial + ".old"):
             shutil.rmtree(folder, ignore_errors=True)
         print(f"warm start saved to {path}")

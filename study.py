@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import cli
 import eval as evaluation
+import runs
 import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -107,7 +108,7 @@ def collect(out_dir, all_arms, seeds):
     for arm in all_arms:
         for seed in seeds:
             folder = os.path.join(out_dir, f"{arm[0]}-{arm[1].replace(' ', '-')}-{arm[2]}-s{seed}")
-            r = evaluation.read_json(os.path.join(folder, "results.json"))
+            r = runs.read_json(os.path.join(folder, "results.json"))
             if "after_rl" in r:
                 probed = [m["attn_share"] for m in map(json.loads, open(os.path.join(folder, "metrics.jsonl")))
                           if "attn_share" in m]

@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import eval as ev
+import runs
 import model as policy
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,10 +181,10 @@ def fake_result(acc, n=64):
 
 
 def test_compare_groups_seeds_into_mean_and_t_interval(tmp_path):
-    runs = {"grpo-s0": 0.5, "grpo-s1": 0.75, "ral-s0": 0.625, "ral-s1": 0.75, "ral-s2": 0.875, "base": 0.25}
-    for name, acc in runs.items():
-        ev.write_json(dict(mode="think", suites={"search-64": fake_result(acc)}), str(tmp_path / name / "eval.json"))
-    paths = [str(tmp_path / name) for name in runs]
+    accuracies = {"grpo-s0": 0.5, "grpo-s1": 0.75, "ral-s0": 0.625, "ral-s1": 0.75, "ral-s2": 0.875, "base": 0.25}
+    for name, acc in accuracies.items():
+        runs.write_json(dict(mode="think", suites={"search-64": fake_result(acc)}), str(tmp_path / name / "eval.json"))
+    paths = [str(tmp_path / name) for name in accuracies]
     text = ev.compare(paths, ["search-64"], n=64)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()[2:]}
     assert list(rows) == ["grpo", "ral", "base"]
@@ -194,20 +195,20 @@ def test_compare_groups_seeds_into_mean_and_t_interval(tmp_path):
 
 
 def test_method_name_and_mode():
-    assert ev.method_name("out/ral-s12/") == "ral" and ev.method_name("out/ral-zero-s0") == "ral-zero"
-    assert ev.method_name("out/kd-attn") == "kd-attn"
-    assert ev.run_mode("out/does-not-exist/ral-zero-s1") == "zero" and ev.run_mode("out/nothing/grpo") == "think"
+    assert runs.method_name("out/ral-s12/") == "ral" and runs.method_name("out/ral-zero-s0") == "ral-zero"
+    assert runs.method_name("out/kd-attn") == "kd-attn"
+    assert runs.run_mode("out/does-not-exist/ral-zero-s1") == "zero" and runs.run_mode("out/nothing/grpo") == "think"
 
 
 def test_reads_the_trainers_run_folder(tmp_path):
     # ral.py: <run>/run_config.json, weights and eval.json (its held-out result, filed by save_eval) in <run>/ckpt
     run = tmp_path / "ral-zero-s0"
-    ev.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
+    runs.write_json(dict(task="search", task_tokens=256, zero=True, eval_file=""), str(run / "run_config.json"))
     (run / "ckpt").mkdir()
     (run / "ckpt" / "config.json").write_text("{}")
-    ev.save_eval(str(run / "ckpt"), "zero", {ev.tasks.suite_name("search", dict(task_tokens=256)): fake_result(0.5, n=128)})
-    assert ev.weights_dir(str(run)) == str(run / "ckpt") and ev.run_mode(str(run)) == "zero"
-    saved = ev.saved_results(str(run))
+    runs.save_eval(str(run / "ckpt"), "zero", {ev.tasks.suite_name("search", dict(task_tokens=256)): fake_result(0.5, n=128)})
+    assert runs.weights_dir(str(run)) == str(run / "ckpt") and runs.run_mode(str(run)) == "zero"
+    saved = runs.saved_results(str(run))
     assert saved["suites"]["search-256 n=128"]["n"] == 128
     assert ev.compare([str(run)], ["search-256"], n=128).splitlines()[2].startswith("| ral-zero | 1 | 50.0 ± ")
 
@@ -338,7 +339,7 @@ def test_default_response_length_is_the_runs_own_or_fits_the_format(tiny, tmp_pa
         model.save_pretrained(weights)
         processor.save_pretrained(weights)
         if run_config:
-            ev.write_json(run_config, str(tmp_path / name / "run_config.json"))
+            runs.write_json(run_config, str(tmp_path / name / "run_config.json"))
         folders[name] = str(tmp_path / name)
     asked, generate = [], policy.generate
     monkeypatch.setattr(policy, "generate", lambda m, p, batch, n, **kw: asked.append(n) or generate(m, p, batch, 2,
@@ -416,7 +417,7 @@ def test_curves_are_smoothed_labelled_and_mark_the_held_out_accuracy(tmp_path):
     smoothed curve over the raw one; the accuracy panel also shows the held-out accuracy before and after RL."""
     rows = [dict(step=s, reward=float(s % 3), accuracy=0.1 * (s % 4), loss=1.0 / s) for s in range(1, 13)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ev.write_json(dict(before_rl=dict(accuracy=0.4), after_rl=dict(accuracy=0.7)), str(tmp_path / "results.json"))
+    runs.write_json(dict(before_rl=dict(accuracy=0.4), after_rl=dict(accuracy=0.7)), str(tmp_path / "results.json"))
     labels = dict(reward="reward per response", accuracy="share right", kl="k3 KL", loss="the loss")
     fig = ev.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"), labels)
     assert os.path.getsize(tmp_path / "curves.png") > 0
@@ -449,11 +450,11 @@ def test_eval_json_keeps_the_trainers_result(tiny, tmp_path):
     run = tmp_path / "ral-s0"
     model.save_pretrained(run / "ckpt")
     processor.save_pretrained(run / "ckpt")
-    ev.write_json(dict(task="search", task_tokens=16, zero=True, eval_file=""), str(run / "run_config.json"))
+    runs.write_json(dict(task="search", task_tokens=16, zero=True, eval_file=""), str(run / "run_config.json"))
     trainers = fake_result(0.625, n=8)                     # a value eval.py would not get: it must survive as it is
-    ev.save_eval(str(run / "ckpt"), "zero", {"search-16": trainers})
+    runs.save_eval(str(run / "ckpt"), "zero", {"search-16": trainers})
     ev.main(["--ckpt", str(run), "--suite", "search-16", "--n", "4", "--max_new_tokens", "6"])
-    suites = ev.saved_results(str(run))["suites"]
+    suites = runs.saved_results(str(run))["suites"]
     assert suites["search-16 n=8"] == json.loads(json.dumps(trainers)) and suites["search-16 n=4"]["n"] == 4
     assert "| ral | 1 | 62.5 ± " in ev.compare([str(run)], ["search-16"], n=8)
 

@@ -13,6 +13,7 @@ import torch
 import cli
 import data
 import eval as evaluation
+import runs
 import ral
 import scale
 import sft
@@ -540,11 +541,11 @@ def test_reward_option_reaches_sft_rl_and_eval(tmp_path, capsys):
     assert results["before_rl"]["accuracy"] == results["after_rl"]["accuracy"] == 1.0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[0]["accuracy"] == 1.0
-    suites = evaluation.saved_results(str(out))["suites"]
+    suites = runs.saved_results(str(out))["suites"]
     assert suites["search-16 n=3 reward=rewards.always_right"]["accuracy"] == 1.0
     evaluation.main(["--ckpt", str(out), "--suite", "search-16", "--n", "2", "--max_new_tokens", "4",
                      spec.replace("=", " ", 1).split()[0], spec.split("=", 1)[1]])
-    assert evaluation.saved_results(str(out))["suites"]["search-16 n=2 reward=rewards.always_right"]["accuracy"] == 1
+    assert runs.saved_results(str(out))["suites"]["search-16 n=2 reward=rewards.always_right"]["accuracy"] == 1
     for bad in ("nocolon", f"{tmp_path / 'rewards.py'}:missing", "no_such_module_xyz:f"):
         with pytest.raises(ral.UsageError, match="--reward"):
             ral.main([f"--out_dir={tmp_path / 'x'}", f"--reward={bad}"])

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import eval as evaluation
+import runs
 import ral
 import sft
 import study
@@ -56,7 +57,7 @@ def test_a_new_task_family_is_one_registry_entry(tmp_path, monkeypatch):
     asked = [json.loads(line)["id"] for line in open(out / "samples.jsonl")]
     assert asked and all(i.startswith("tally-") for i in asked)                  # RL's prompts: the new family
     assert drawn and all(s["source"] == "tally" for s in drawn)                 # SFT's early stop validates on it
-    saved = evaluation.saved_results(str(out))["suites"]
+    saved = runs.saved_results(str(out))["suites"]
     assert list(saved) == ["tally-16 n=4"] and saved["tally-16 n=4"]["n"] == 4  # the held-out suite, by name and n
     held_out = evaluation.suite("tally-16", n=4)
     assert [s["id"] for s in held_out] == [f"tally-{evaluation.EVAL_SEED}-{i}" for i in range(4)]
