@@ -11,20 +11,21 @@ tasks, with seeds and intervals.
 Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the paper's
 <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
 frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
-4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD),
-tasks (RAL vs GRPO on every other task family of tasks.TASKS, at its default options), mechanism (the gradient
-probe on every step: optimizer steps per rollout 2 / 4 / 8, lambda_attn 1 / 10 / 100, the policy's layer final vs
-first, depth 1 / 2 / 4; the report's last column is the attention term's mean share of the update). Every
-arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by
-all arms of the same task; an arm whose results.json exists is never re-run, so an interrupted study resumes. The
-report is written from the runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png,
-grounding.png and curves.png in out_dir.
+4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD), tasks
+(RAL vs GRPO on every other task family of tasks.TASKS, at its default options), mechanism (the gradient probe on
+every step: optimizer steps per rollout 2 / 4 / 8, lambda_attn 1 / 10 / 100, the policy's layer final vs first,
+depth 1 / 2 / 4; the report's last column is the attention term's mean share of the update). Every arm is one
+`python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms
+of the same task; an arm whose results.json exists is never re-run and one killed mid-RL continues from its last
+checkpoint (--resume=True), so an interrupted study resumes. The report is written from the runs' own results.json
+and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and curves.png in out_dir.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import numpy as np
 import torch.distributed as dist
@@ -95,6 +96,8 @@ def run_arm(out_dir, arm, seed, extra):
     if script == "distill.py":   # the teacher is ral.py's warm start of the same budget, shared with the other arms
         extra = extra + [a.replace("--sft_steps=", "--teacher_sft_steps=") for a in extra if a.startswith("--sft_steps=")]
     argv = [sys.executable, os.path.join(ROOT, script), f"--out_dir={folder}", f"--seed={seed}", *options, *extra]
+    if os.path.exists(os.path.join(folder, "ckpt", "trainer_state.pt")):   # killed mid-RL: continue exactly
+        argv.append("--resume=True")
     with open(folder + ".log", "w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode:
@@ -232,8 +235,8 @@ def main(argv=None):
     todo = [(arm, seed) for seed in seeds if seed % world == rank for arm in arms(parts)]
     for arm, seed in tqdm(todo, desc=f"arms (rank {rank} of {world})" if world > 1 else "arms", disable=rank != 0):
         run_arm(out_dir, arm, seed, extra)
-    if world > 1:   # the report once every rank's arms are done: wait for their results.json files
-        dist.init_process_group("gloo")
+    if world > 1:   # the report once every rank's arms are done: wait for their results.json files (ranks
+        dist.init_process_group("gloo", timeout=timedelta(days=1))   # with one seed more may finish hours later)
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:

@@ -1,5 +1,5 @@
 """study.py --quick at a toy budget: it runs its arms, writes the table and the plots, the table's numbers are the
-runs' own numbers, and a second call re-runs nothing."""
+runs' own numbers, a second call re-runs nothing, and an arm killed after a checkpoint continues from it."""
 import json
 import os
 
@@ -28,3 +28,12 @@ def test_quick_study_end_to_end(tmp_path):
     stamp = os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json"))
     study.main(argv)                                                     # finished arms are never re-run
     assert os.path.getmtime(os.path.join(out, "core-search-16-ral-s0", "results.json")) == stamp
+    # killed between its last checkpoint and results.json: the next call continues that arm (--resume=True)
+    folder = os.path.join(out, "core-search-16-ral-s0")
+    first = json.load(open(os.path.join(folder, "results.json")))
+    os.remove(os.path.join(folder, "results.json"))
+    study.main(argv)
+    assert json.load(open(os.path.join(folder, "run_config.json")))["resume"] is True
+    again = json.load(open(os.path.join(folder, "results.json")))
+    assert again["before_rl"] == first["before_rl"] and again["after_rl"] == first["after_rl"]
+    assert len(open(os.path.join(folder, "metrics.jsonl")).readlines()) == 2            # no step logged twice
