@@ -33,9 +33,14 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import cli
+import data
 import eval as evaluation
+import model as policy
+import ral
 import runs
+import sft
 import tasks
+from scale import load_trainer_state
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 QUICK = ["--sft_steps=40", "--sft_val_every=20", "--sft_val_n=8", "--rl_steps=3", "--eval_n=16",
@@ -105,8 +110,31 @@ def run_arm(out_dir, arm, seed, extra):
     return folder
 
 
-def collect(out_dir, all_arms, seeds):
-    """Per arm and seed: held-out accuracy and grounding before and after RL, from the run's results.json."""
+SAMPLED_CHECK = 1_000_000   # the sampling seeds' check index, apart from those of SFT's early stop (0, 1, ...)
+
+
+def sampled_readings(folder):
+    """The held-out accuracy of one response per sample drawn as RL draws them (sft.sampled_accuracy: the run's
+    temperature, a seed per sample), of the warm start and of the weights after RL: what RL maximizes, beside the
+    greedy accuracy the study is judged by. Computed once, then read from the arm's sampled.json."""
+    path = os.path.join(folder, "sampled.json")
+    if not os.path.exists(path):
+        cfg = runs.read_json(os.path.join(folder, "run_config.json"))
+        held_out = ral.load_samples(cfg)[2]
+        reward_fn = cli.import_function(cfg["reward"]) if cfg["reward"] else data.reward
+        ckpt = os.path.join(folder, "ckpt")
+        out = dict(n=len(held_out), check=SAMPLED_CHECK)
+        for key, weights in (("before", load_trainer_state(ckpt)["ref_from"]), ("after", ckpt)):
+            model, processor = policy.load(weights)
+            out[key] = sft.sampled_accuracy(model.eval(), processor, held_out, cfg, "zero" if cfg["zero"] else "think",
+                                            SAMPLED_CHECK, reward_fn)
+        runs.write_json(out, path)
+    return runs.read_json(path)
+
+
+def collect(out_dir, all_arms, seeds, sampled=False):
+    """Per arm and seed: held-out accuracy and grounding before and after RL, from the run's results.json (and,
+    with sampled, sampled_readings)."""
     rows = []
     for arm in all_arms:
         for seed in seeds:
@@ -120,6 +148,9 @@ def collect(out_dir, all_arms, seeds):
                                  before=r["before_rl"]["accuracy"], after=r["after_rl"]["accuracy"],
                                  ground_before=r["before_rl"]["grounding"], ground_after=r["after_rl"]["grounding"],
                                  chance=r["after_rl"]["grounding_chance"]))
+                if sampled:
+                    readings = sampled_readings(folder)
+                    rows[-1].update(sampled_before=readings["before"], sampled_after=readings["after"])
     return rows
 
 
@@ -128,9 +159,24 @@ def interval(values):
     return f"{100 * mean:.1f} ± {100 * half:.1f}" if half == half else f"{100 * mean:.1f}"
 
 
+def arm_cells(rows, key, before="before", after="after"):
+    """One arm's (part, setting, method) seeds and its cells: seeds, before, after, the gain, and the paired
+    difference to its setting's baseline (grpo, or kd), each a mean ± 95% t interval over seeds."""
+    part, setting, method = key
+    mine = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == key}
+    base = {r["seed"]: r for r in rows if (r["part"], r["setting"]) == (part, setting)
+            and r["method"] == ("kd" if part == "distill" else "grpo")}
+    paired = [mine[s][after] - base[s][after] for s in mine if s in base]
+    values = lambda f: interval([f(r) for r in mine.values()])
+    return mine, [str(len(mine)), values(lambda r: r[before]), values(lambda r: r[after]),
+                  values(lambda r: r[after] - r[before]),
+                  "–" if method in ("grpo", "kd") or not paired else interval(paired)]
+
+
 def report(rows, out_dir, command):
     """report.md: per setting and method, accuracy before and after (mean ± 95% t interval over seeds), the gain,
-    the paired difference to the setting's baseline (grpo, or kd), and grounding before and after vs uniform."""
+    the paired difference to the setting's baseline (grpo, or kd), and grounding before and after vs uniform; the
+    sampled accuracy the same way where collect read it."""
     lines = [f"# Study report\n\nMade by `{command}`; every number is the mean over seeds ± the half-width of its 95% t "
              "interval, from the runs' results.json (held-out accuracy in %, greedy; grounding: the share of the "
              "visual attention of the rows that choose the answer that lands on the target's tokens, "
@@ -138,18 +184,19 @@ def report(rows, out_dir, command):
              "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) | grounding before "
              "-> after (uniform) | attention share (probe) |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["part"], r["setting"], r["method"]) for r in rows))
-    for part, setting, method in keys:
-        mine = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == (part, setting, method)}
-        base = {r["seed"]: r for r in rows if (r["part"], r["setting"]) == (part, setting)
-                and r["method"] == ("kd" if part == "distill" else "grpo")}
-        paired = [mine[s]["after"] - base[s]["after"] for s in mine if s in base]
-        vs = "–" if method in ("grpo", "kd") or not paired else interval(paired)
-        g = lambda key: np.mean([r[key] for r in mine.values() if r[key] is not None] or [np.nan])
+    for key in keys:
+        mine, cells = arm_cells(rows, key)
+        g = lambda field: np.mean([r[field] for r in mine.values() if r[field] is not None] or [np.nan])
         share = "–" if np.isnan(g("share")) else f"{g('share'):.2g}"
-        lines.append(f"| {part} | {setting} | {method} | {len(mine)} | {interval([r['before'] for r in mine.values()])}"
-                     f" | {interval([r['after'] for r in mine.values()])} | "
-                     f"{interval([r['after'] - r['before'] for r in mine.values()])} | {vs} | "
+        lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} | "
                      f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) | {share} |")
+    if any("sampled_after" in r for r in rows):   # what RL maximizes: one sampled response per held-out sample
+        lines += ["\n**Sampled accuracy** (%): one response per held-out sample drawn as RL draws them (its "
+                  "temperature, seeded), before and after RL\n",
+                  "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {' | '.join(key)} | {' | '.join(arm_cells(rows, key, 'sampled_before', 'sampled_after')[1])} |"
+                  for key in keys]
     for part, setting in dict.fromkeys(k[:2] for k in keys):   # the evidence behind each mean: one row per seed
         methods = [m for p, s, m in keys if (p, s) == (part, setting)]
         at = {(r["method"], r["seed"]): r for r in rows if (r["part"], r["setting"]) == (part, setting)}
@@ -222,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
     ap.add_argument("--out_dir", default="out/study")
+    ap.add_argument("--sampled", action="store_true", help="also held-out accuracy sampled as RL samples, before "
+                                                           "and after RL (computed once per arm: sampled.json)")
     args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
     parts = args.parts.split(",") if args.parts else ["core", "think", "sizes", "lambda", "distill", "tasks",
                                                       "mechanism"] if args.quick \
@@ -240,7 +289,7 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        text = report(collect(out_dir, arms(parts), seeds), out_dir, "python study.py " + " ".join(argv or sys.argv[1:]))
+        text = report(collect(out_dir, arms(parts), seeds, args.sampled), out_dir, "python study.py " + " ".join(argv or sys.argv[1:]))
         print(text)
         print(f"report and plots in {out_dir}/")
     return out_dir

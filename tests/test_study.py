@@ -37,3 +37,14 @@ def test_quick_study_end_to_end(tmp_path):
     again = json.load(open(os.path.join(folder, "results.json")))
     assert again["before_rl"] == first["before_rl"] and again["after_rl"] == first["after_rl"]
     assert len(open(os.path.join(folder, "metrics.jsonl")).readlines()) == 2            # no step logged twice
+    # --sampled: held-out accuracy sampled as RL samples, of the warm start and after RL, once per arm
+    study.main(argv + ["--sampled"])
+    readings = {m: json.load(open(os.path.join(out, f"core-search-16-{m}-s0", "sampled.json"))) for m in ("grpo", "ral")}
+    assert readings["grpo"]["before"] == readings["ral"]["before"]        # one warm start, the same seeded draws
+    assert readings["grpo"]["n"] == 4 and all(0 <= r[k] <= 1 for r in readings.values() for k in ("before", "after"))
+    table = open(os.path.join(out, "report.md")).read().split("**Sampled accuracy**")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| core | search-16 | ral |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    r = readings["ral"]
+    assert cells[4:7] == [f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * (r['after'] - r['before']):.1f}"]
+    assert cells[7] == f"{100 * (r['after'] - readings['grpo']['after']):.1f}"
