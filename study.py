@@ -269,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a toy budget (every part, 2 seeds) to see it work")
     ap.add_argument("--out_dir", default="out/study")
+    ap.add_argument("--report_only", action="store_true", help="start no arm: the report of those already run (a "
+                                                               "part run in pieces, or one still running)")
     ap.add_argument("--sampled", action="store_true", help="also held-out accuracy sampled as RL samples, before "
                                                            "and after RL (computed once per arm: sampled.json)")
     args, passed = ap.parse_known_args(argv)           # any other --key=value goes to every arm (ral.py's options)
@@ -281,7 +283,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # a rank runs whole seeds: the arms of one seed share warm starts, which one process must write
-    todo = [(arm, seed) for seed in seeds if seed % world == rank for arm in arms(parts)]
+    todo = [] if args.report_only else [(arm, seed) for seed in seeds if seed % world == rank for arm in arms(parts)]
     for arm, seed in tqdm(todo, desc=f"arms (rank {rank} of {world})" if world > 1 else "arms", disable=rank != 0):
         run_arm(out_dir, arm, seed, extra)
     if world > 1:   # the report once every rank's arms are done: wait for their results.json files (ranks

@@ -37,6 +37,10 @@ def test_quick_study_end_to_end(tmp_path):
     again = json.load(open(os.path.join(folder, "results.json")))
     assert again["before_rl"] == first["before_rl"] and again["after_rl"] == first["after_rl"]
     assert len(open(os.path.join(folder, "metrics.jsonl")).readlines()) == 2            # no step logged twice
+    # --report_only starts nothing: with a seed never run, the report still holds seed 0's arms alone
+    study.main(argv[:4] + ["2"] + argv[5:] + ["--report_only"])
+    assert not os.path.exists(os.path.join(out, "core-search-16-ral-s1"))
+    assert "| core | search-16 | ral | 1 |" in open(os.path.join(out, "report.md")).read()
     # --sampled: held-out accuracy sampled as RL samples, of the warm start and after RL, once per arm
     study.main(argv + ["--sampled"])
     readings = {m: json.load(open(os.path.join(out, f"core-search-16-{m}-s0", "sampled.json"))) for m in ("grpo", "ral")}
