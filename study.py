@@ -161,21 +161,21 @@ def interval(values):
 
 def arm_cells(rows, key, before="before", after="after"):
     """One arm's (part, setting, method) seeds and its cells: seeds, before, after, the gain, and the paired
-    difference to its setting's baseline (grpo, or kd), each a mean ± 95% t interval over seeds."""
+    difference to its setting's baseline (its first arm: grpo, grpo-think or kd), each a mean ± 95% t interval."""
     part, setting, method = key
+    baseline = next(r["method"] for r in rows if (r["part"], r["setting"]) == (part, setting))
     mine = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == key}
-    base = {r["seed"]: r for r in rows if (r["part"], r["setting"]) == (part, setting)
-            and r["method"] == ("kd" if part == "distill" else "grpo")}
+    base = {r["seed"]: r for r in rows if (r["part"], r["setting"], r["method"]) == (part, setting, baseline)}
     paired = [mine[s][after] - base[s][after] for s in mine if s in base]
     values = lambda f: interval([f(r) for r in mine.values()])
     return mine, [str(len(mine)), values(lambda r: r[before]), values(lambda r: r[after]),
                   values(lambda r: r[after] - r[before]),
-                  "–" if method in ("grpo", "kd") or not paired else interval(paired)]
+                  "–" if method == baseline or not paired else interval(paired)]
 
 
 def report(rows, out_dir, command):
     """report.md: per setting and method, accuracy before and after (mean ± 95% t interval over seeds), the gain,
-    the paired difference to the setting's baseline (grpo, or kd), and grounding before and after vs uniform; the
+    the paired difference to the setting's baseline (its first arm), and grounding before and after vs uniform; the
     sampled accuracy the same way where collect read it."""
     lines = [f"# Study report\n\nMade by `{command}`; every number is the mean over seeds ± the half-width of its 95% t "
              "interval, from the runs' results.json (held-out accuracy in %, greedy; grounding: the share of the "

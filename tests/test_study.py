@@ -52,3 +52,12 @@ def test_quick_study_end_to_end(tmp_path):
     r = readings["ral"]
     assert cells[4:7] == [f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * (r['after'] - r['before']):.1f}"]
     assert cells[7] == f"{100 * (r['after'] - readings['grpo']['after']):.1f}"
+
+
+def test_paired_difference_is_to_the_settings_first_arm():
+    row = lambda method, seed, after: dict(part="think", setting="search-16", method=method, seed=seed, before=0.5,
+                                           after=after)
+    rows = [row("grpo-think", 0, 0.6), row("grpo-think", 1, 0.7), row("ral-think", 0, 0.65), row("ral-think", 1, 0.8)]
+    _, cells = study.arm_cells(rows, ("think", "search-16", "ral-think"))
+    assert cells[0] == "2" and cells[4] == f"7.5 ± {100 * 12.706 * 0.025:.1f}"   # paired 0.05, 0.10: se 0.025, t(1)
+    assert study.arm_cells(rows, ("think", "search-16", "grpo-think"))[1][4] == "–"
