@@ -102,6 +102,8 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
                 accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step, reward_fn)
             raw.train()
             log["checks"].append(dict(step=step, sampled_accuracy=accuracy))
+            if rank == 0:
+                bar.write(f"sft: step {step}, sampled validation accuracy {accuracy:.3f} (stop at {cfg['sft_stop']})")
             if accuracy >= cfg["sft_stop"]:
                 log["steps"] = step
                 break

@@ -5,7 +5,7 @@ the boxes it depends on (for grounding), and the registry every stage reads them
 search_task(n, ...)   visual search (V*-like): one star among many circles/squares, "what colour is the star?"
 count_task(n, ...)    counting (relational): how many red shapes (1-4) among shapes of other colours
 left_task(n, ...)     left of (relational): the colour of the leftmost of four shapes
-video_task(n, ...)    video needle: the star is in exactly one of F frames, written to a real mp4 with PyAV
+video_task(n, ...)    video needle: the star in one scene (held 2 frames) of F frames, a real mp4 written with PyAV
 TASKS                 name -> generator, the options it reads, stream or files, its standard held-out suites
 offline_stream(cfg, stage)     the run's task as an endless stream of fresh samples (SFT: stage 0, RL: stage 1)
 
@@ -192,9 +192,10 @@ def count_task(n, seed=0, tokens=16, clutter=None):
 
 def left_task(n, seed=0, tokens=16):
     """Left of (relational: the answer compares two objects' positions): one shape of each option colour, "which
-    colour is the leftmost shape?" (balanced over A-D; the leftmost's left edge at least 4 px left of every other's,
-    so the answer is never a matter of a pixel). Target boxes: the leftmost shape and the next one, the pair the
-    comparison is decided by."""
+    colour is the leftmost shape?" (balanced over A-D). The leftmost shape lies in token columns (28 px) left of
+    every other shape's first one, so the answer is decided at the resolution the LLM sees, not inside a visual
+    token (a 4 px margin within one token stayed at chance in the tiny regime). Target boxes: the leftmost shape
+    and the next one, the pair the comparison is decided by."""
     side = math.isqrt(tokens) * CELL
     if side * side != tokens * CELL * CELL:
         raise ValueError(f"tokens must be a perfect square, got {tokens}")
@@ -205,7 +206,7 @@ def left_task(n, seed=0, tokens=16):
         while True:
             img, boxes = _shapes(rng, side, OPTION_COLOURS)
             order = sorted(range(4), key=lambda j: boxes[j][0])
-            if boxes[order[1]][0] - boxes[order[0]][0] >= 4:
+            if (boxes[order[0]][2] - 1) // CELL < boxes[order[1]][0] // CELL:
                 break
         # the drawn colours are fixed (red, green, blue, yellow); which one is leftmost is the draw's, so relabel
         # by swapping colours: the shape drawn leftmost takes the answer's colour
@@ -245,29 +246,35 @@ def write_mp4(frames, path, fps=1):
         container.mux(stream.encode())  # flush
 
 
-def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=None):
-    """Video needle: `frames` cluttered frames at 1 fps, the star in exactly one of them. One mp4 per sample.
-    tokens_per_frame sets the frame size (sqrt*28 px square) and so the tokens of each 2-frame temporal group."""
+def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=None, hold=2):
+    """Video needle: `frames` cluttered frames at 1 fps, one mp4 per sample. Each scene is held for `hold` frames
+    (2: a shot per temporal patch, as consecutive frames of a real video look alike; 1: a new scene every frame) and
+    the star is in exactly one scene. tokens_per_frame sets the frame size (sqrt*28 px square) and so the tokens of
+    each 2-frame temporal group. The target frame is the first of the star's scene."""
     side = math.isqrt(tokens_per_frame) * CELL
     clutter = max(3, tokens_per_frame // 4) if clutter is None else clutter
     folder = folder or tempfile.mkdtemp(prefix="ral-video-")
     os.makedirs(folder, exist_ok=True)
-    rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}")
+    rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}" + (f"-hold{hold}" if hold != 1 else ""))
+    shots = -(-frames // hold)
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
         question, options = _question("What colour is the star in the video?")
         colour = OPTION_COLOURS[LETTERS.index(letter)]
-        needle = rng.randrange(frames)
-        scenes = [_scene(rng, side, clutter, colour, with_target=(f == needle)) for f in range(frames)]
-        path = os.path.join(folder, f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}-{i}.mp4")
+        needle = rng.randrange(shots)
+        scenes = [_scene(rng, side, clutter, colour, with_target=(k == needle)) for k in range(shots)]
+        name = f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}" + (f"-hold{hold}" if hold != 1 else "")
+        path = os.path.join(folder, f"{name}-{i}.mp4")
         if not os.path.exists(path):   # a function of the name: another rank (or run) may have written it already
-            write_mp4([img for img, _ in scenes], f"{path}.{os.getpid()}.tmp.mp4")   # another rank may write it
-            os.replace(f"{path}.{os.getpid()}.tmp.mp4", path)                         # at once: same bytes
-        box = scenes[needle][1]
+            write_mp4([scenes[f // hold][0] for f in range(frames)], f"{path}.{os.getpid()}.tmp.mp4")
+            os.replace(f"{path}.{os.getpid()}.tmp.mp4", path)   # another rank may write it at once: same bytes
+        box, first = scenes[needle][1], needle * hold
+        seen = f"frame {first + 1}" if hold == 1 or first + 1 == frames else \
+            f"frames {first + 1}-{min(frames, first + hold)}"
         samples.append(dict(id=f"video-{tokens_per_frame}-{seed}-{i}", question=question, options=options,
                             answer=letter, problem_type="multiple choice", image=None, video=path,
-                            target=dict(box=box, frame=needle),
-                            rationale=(f"The star is in frame {needle + 1} of {frames}, in the {_where(box, side)}. "
+                            target=dict(box=box, frame=first),
+                            rationale=(f"The star is in {seen} of {frames}, in the {_where(box, side)}. "
                                        f"It is {colour}."), source="video"))
     return samples
 

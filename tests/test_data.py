@@ -162,7 +162,7 @@ def test_left_task_target_boxes_are_the_leftmost_pair():
         answer = tasks.OPTION_COLOURS["ABCD".index(s["answer"])]
         extents = {c: extent((img == tasks.PALETTE[c]).all(-1)) for c in tasks.OPTION_COLOURS}   # one shape each
         by_x = sorted(extents, key=lambda c: extents[c][0])
-        assert by_x[0] == answer and extents[by_x[1]][0] - extents[answer][0] >= 4
+        assert by_x[0] == answer and (extents[answer][2] - 1) // 28 < extents[by_x[1]][0] // 28   # a column apart
         assert [tuple(b) for b in s["target"]["boxes"]] == [extents[by_x[0]], extents[by_x[1]]]
         assert s["rationale"] == f"The leftmost shape is {answer}."
 
@@ -193,10 +193,14 @@ def test_mp4_round_trip(tmp_path):
         colour = np.array(tasks.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]])
         x0, y0, x1, y1 = s["target"]["box"]
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        first = s["target"]["frame"]
+        assert first % 2 == 0   # scenes are held 2 frames: the star's scene starts a temporal patch
         for f, img in enumerate(frames[:5]):
             centre = pixels(img)[cy - 3:cy + 3, cx - 3:cx + 3].reshape(-1, 3).mean(0)
-            if f == s["target"]["frame"]:   # the star's body survives lossy coding
+            if f in (first, first + 1):   # the star's body survives lossy coding, in both frames of its scene
                 assert np.abs(centre - colour).max() < 40
+            if f % 2 == 1:                # the second frame of a scene is its first again
+                assert np.abs(pixels(img) - pixels(frames[f - 1])).max() < 40
         # frame-rate sampling: at 0.5 fps every other frame
         assert data.read_video(s["video"], fps=0.5)[1] == [0, 2, 4, 4]
         assert len(data.read_video(s["video"], fps=1.0, max_frames=2)[0]) == 2
@@ -242,10 +246,27 @@ def test_video_batch_drives_the_tiny_model(tiny, tmp_path):
             assert torch.allclose(net(**alone).logits[0, -1], together[b], atol=1e-4), s["id"]
 
 
+def test_video_needle_is_one_scene_of_two_frames(tmp_path):
+    """The default video holds each scene for 2 frames (one temporal patch): the star is in exactly one scene, in
+    both of its frames and no other; hold=1 (a new scene each frame) puts it in exactly one frame."""
+    for hold in (2, 1):
+        for s in tasks.video_task(8, seed=2, frames=6, folder=str(tmp_path / str(hold)), hold=hold):
+            frames, *_ = data.read_video(s["video"])
+            colour = np.array(tasks.PALETTE[s["options"]["ABCD".index(s["answer"])].split(". ")[1]])
+            first = s["target"]["frame"]
+            x0, y0, x1, y1 = s["target"]["box"]    # the star's pixels: its colour inside its box in its frame (a
+            inside = np.zeros((112, 112), bool)    # distractor, at most 22 px, never covers all of a 36 px star)
+            inside[y0:y1, x0:x1] = np.abs(pixels(frames[first]) - colour).max(-1)[y0:y1, x0:x1] < 30
+            assert inside.sum() > 300
+            star = [bool((np.abs(pixels(f) - colour).max(-1)[inside] < 30).mean() > 0.9) for f in frames]
+            assert star == [first <= f < first + hold for f in range(6)], (s["id"], star)
+            assert f"{first + 1}" in s["rationale"]
+
+
 def test_video_target_follows_frame_sampling(tiny, tmp_path):
     _, processor = tiny
     seen = set()
-    for s in tasks.video_task(4, seed=3, frames=4, folder=str(tmp_path)):
+    for s in tasks.video_task(4, seed=3, frames=4, folder=str(tmp_path), hold=1):   # a new scene every frame
         batch, masks = data.encode([s], processor, video_fps=0.5)   # keeps frames 0 and 2: one temporal group
         assert batch["video_grid_thw"].tolist() == [[1, 8, 8]] and batch["second_per_grid_ts"].tolist() == [4.0]
         seen.add(s["target"]["frame"] in (0, 2))
