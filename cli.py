@@ -241,9 +241,6 @@ def check(cfg):
          or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
-    need(tasks.TASKS[cfg["task"]]["stream"] or (cfg["train_size"] or cfg["train_file"]) and
-         (cfg["sft_size"] or cfg["sft_file"] or not cfg["sft_steps"]),
-         f"--task={cfg['task']} has no endless stream (its media are files): give --train_size and --sft_size")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
     need(cfg["init_from"] != "tiny" or -cfg["tiny_layers"] <= cfg["attn_layer"] < cfg["tiny_layers"],

@@ -164,7 +164,7 @@ def main(argv, reward_fn=data.reward):
     if cfg["mu"] < 0 or cfg["gamma_attn"] < 0:
         raise UsageError("--mu and --gamma_attn must be >= 0")
     rank, world, device = scale.setup_distributed(cfg)
-    sft_samples, train_samples, held_out, suite = ral.load_samples(cfg, rank, world)
+    sft_samples, train_samples, held_out, suite = ral.load_samples(cfg)
     if rank == 0:   # before SFT, as ral.main: --resume=True then knows a run killed before its first checkpoint
         runs.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
     mode = "zero" if cfg["zero"] else "think"

@@ -353,20 +353,15 @@ def read_samples(path):
     return samples
 
 
-def load_samples(cfg, rank=0, world=1):
+def load_samples(cfg):
     """SFT, RL and held-out samples (data sets in data.py's layout, or the offline task; None for an endless
     stream) and the held-out suite's name, under which its results are filed in eval.json."""
     task = tasks.TASKS[cfg["task"]]
     make = lambda n: task["make"](n, cfg["seed"], tasks.task_options(cfg["task"], cfg),
                                   os.path.join(cfg["out_dir"], "media"))
-    if task["stream"]:   # a size of 0 is the endless stream (None here); equal sizes are the same set
-        sft_set, rl_set = (make(n) if n else None for n in (cfg["sft_size"], cfg["train_size"]))
-    else:                # one draw of files, written by rank 0 while the others wait; SFT and RL take slices
-        offline = make(max(cfg["train_size"], cfg["sft_size"])) if rank == 0 else None
-        if world > 1:
-            dist.barrier()
-        offline = offline or make(max(cfg["train_size"], cfg["sft_size"]))
-        sft_set, rl_set = offline[:cfg["sft_size"]], offline[:cfg["train_size"]]
+    # a size of 0 is the endless stream (None here); equal sizes are the same set (a media file is a function of
+    # its name, so ranks drawing the same set at once write the same bytes)
+    sft_set, rl_set = (make(n) if n else None for n in (cfg["sft_size"], cfg["train_size"]))
     sft_samples = read_samples(cfg["sft_file"]) if cfg["sft_file"] else sft_set
     train = read_samples(cfg["train_file"]) if cfg["train_file"] else rl_set
     name = cfg["eval_file"] or tasks.suite_name(cfg["task"], tasks.task_options(cfg["task"], cfg))
@@ -562,7 +557,7 @@ def main(argv, reward_fn=data.reward):
     cfg = configure(argv)
     reward_fn = import_function(cfg["reward"]) if cfg["reward"] else reward_fn
     rank, world, device = setup_distributed(cfg)
-    sft_samples, train_samples, held_out, suite = load_samples(cfg, rank, world)
+    sft_samples, train_samples, held_out, suite = load_samples(cfg)
     if rank == 0:   # before SFT: --resume=True then knows a run killed before its first checkpoint
         runs.write_json(cfg, os.path.join(cfg["out_dir"], "run_config.json"))
         print(plan(cfg, suite))

@@ -187,8 +187,6 @@ def warm_recipe(cfg, reward_fn=data.reward):
     if cfg["sft_stop"] and reward_fn is not data.reward:   # the stop scores its samples with it
         recipe["reward"] = reward_name(reward_fn)
     recipe.update(tasks.task_options(cfg["task"], cfg))
-    if not tasks.TASKS[cfg["task"]]["stream"]:   # its SFT set is a slice of one draw of max(sft_size, train_size)
-        recipe["train_size"] = cfg["train_size"]
     if cfg["sft_file"]:
         with open(cfg["sft_file"], "rb") as f:
             recipe["sft_file_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()

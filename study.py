@@ -10,7 +10,7 @@ tasks, with seeds and intervals.
 
 Parts: core (RAL vs GRPO, the tiny default: answer only, so RAL-zero vs GRPO-zero), think (the same with the paper's
 <think> rationale), sizes (the lead as visual tokens grow: search at 64 and 256 tokens, video needle at 4 and 8
-frames, 2048 videos for SFT and RL since the video task has no endless stream), lambda (lambda_attn 10 and 100, and
+frames), lambda (lambda_attn 10 and 100, and
 4 mini-batches x 2 epochs so the policy drifts within a rollout), distill (KD + attention distillation vs KD), tasks
 (RAL vs GRPO on every other task family of tasks.TASKS, at its default options), mechanism (the gradient probe on
 every step: optimizer steps per rollout 2 / 4 / 8, lambda_attn 1 / 10 / 100, the policy's layer final vs first,
@@ -60,14 +60,12 @@ def arms(parts):
         for tokens in (64, 256):
             out += pair("sizes", f"search-{tokens}", [f"--task_tokens={tokens}"])
         for frames in (4, 8):
-            out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}", "--train_size=2048",
-                                                      "--sft_size=2048"])
+            out += pair("sizes", f"video-{frames}", ["--task=video", f"--task_frames={frames}"])
     if "tasks" in parts:    # every other family of the task registry (tasks.TASKS), at its default options
-        for task, t in tasks.TASKS.items():
+        for task in tasks.TASKS:
             if task != "search":
-                finite = [] if t["stream"] else ["--train_size=2048", "--sft_size=2048"]
                 setting = tasks.suite_name(task, tasks.task_options(task, cli.DEFAULTS))
-                out += pair("tasks", setting, [f"--task={task}", *finite])
+                out += pair("tasks", setting, [f"--task={task}"])
     if "lambda" in parts:
         drift = ["--mini_batches=4", "--epochs=2"]
         out += [("lambda", "search-16 drift", "grpo", "ral.py", ["--algo=grpo", *drift])]

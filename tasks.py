@@ -6,7 +6,7 @@ search_task(n, ...)   visual search (V*-like): one star among many circles/squar
 count_task(n, ...)    counting (relational): how many red shapes (1-4) among shapes of other colours
 left_task(n, ...)     left of (relational): the colour of the leftmost of four shapes
 video_task(n, ...)    video needle: the star in one scene (held 2 frames) of F frames, a real mp4 written with PyAV
-TASKS                 name -> generator, the options it reads, stream or files, its standard held-out suites
+TASKS                 name -> generator, the options it reads, its standard held-out suites
 offline_stream(cfg, stage)     the run's task as an endless stream of fresh samples (SFT: stage 0, RL: stage 1)
 
 A sample is data.py's plain dict (id, question, options, answer, problem_type, image or video, target, rationale,
@@ -285,7 +285,6 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
 # one generator plus one entry; the tokenizer needs nothing (byte-level: any text encodes).
 #   make(n, seed, options, folder) -> n samples, a function of (n, seed, options); folder: where media files go
 #   options: ((ral.py option, the suite name's default or None), ...), the options it reads, in suite-name order
-#   stream:  True if an endless stream is cheap (images in memory); False: finite sizes (--train_size, --sft_size)
 #   suites:  its standard held-out suites (eval.py evaluates them all by default)
 
 # The held-out draw of every offline suite, owned here: eval.py's suites and ral.py's eval_n default both read it.
@@ -295,18 +294,18 @@ EVAL_N = 256
 
 TASKS = dict(
     search=dict(make=lambda n, seed, o, folder=None: search_task(n, seed=seed, tokens=o["task_tokens"]),
-                options=(("task_tokens", None),), stream=True,
+                options=(("task_tokens", None),),
                 suites=("search-16", "search-64", "search-256", "search-1024"),
                 about="one image: the colour of the one star among distractors"),
     count=dict(make=lambda n, seed, o, folder=None: count_task(n, seed=seed, tokens=o["task_tokens"]),
-               options=(("task_tokens", None),), stream=True, suites=("count-16", "count-64"),
+               options=(("task_tokens", None),), suites=("count-16", "count-64"),
                about="one image: how many red shapes (1-4) among shapes of other colours"),
     left=dict(make=lambda n, seed, o, folder=None: left_task(n, seed=seed, tokens=o["task_tokens"]),
-              options=(("task_tokens", None),), stream=True, suites=("left-16", "left-64"),
+              options=(("task_tokens", None),), suites=("left-16", "left-64"),
               about="one image: the colour of the leftmost of four shapes"),
     video=dict(make=lambda n, seed, o, folder=None: video_task(n, seed=seed, frames=o["task_frames"], folder=folder,
                                                                tokens_per_frame=o["task_tokens"]),
-               options=(("task_frames", None), ("task_tokens", 16)), stream=False,
+               options=(("task_frames", None), ("task_tokens", 16)),
                suites=("video-4", "video-8", "video-16"),
                about="the needle: the star's colour, in one frame of an mp4"),
 )
@@ -343,12 +342,14 @@ STREAM_SEED, BLOCK = 1 << 20, 64   # stream seeds lie above eval's held-out seed
 
 
 def offline_stream(cfg, stage):
-    """The run's offline task (cfg["task"], a stream task of TASKS) as an endless stream for one stage (0: SFT,
-    1: RL): item i lies in block i // 64, drawn with its own seed, so no prompt repeats and item i is the same for
-    any ranks or after a resume. Returns take(start, count) -> samples."""
+    """The run's offline task (cfg["task"]) as an endless stream for one stage (0: SFT, 1: RL): item i lies in
+    block i // 64, drawn with its own seed, so no prompt repeats and item i is the same for any ranks or after a
+    resume. Media files (the video's mp4s, 8 KB each) go to the run's media folder, named by their draw, so ranks
+    writing the same block write the same bytes. Returns take(start, count) -> samples."""
     make, options = TASKS[cfg["task"]]["make"], task_options(cfg["task"], cfg)
+    folder = os.path.join(cfg["out_dir"], "media")
 
     @functools.lru_cache(maxsize=4)
     def block(b):
-        return make(BLOCK, STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40, options)
+        return make(BLOCK, STREAM_SEED + seed_for(cfg["seed"], stage, b) % 2 ** 40, options, folder)
     return lambda start, count: [block(i // BLOCK)[i % BLOCK] for i in range(start, start + count)]

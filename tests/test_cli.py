@@ -37,7 +37,6 @@ def mistakes(tmp):
         ("--init_from=./no/such/folder",): "--init_from: no such folder: ./no/such/folder",
         ("--task=audio",): "--task must be one of search, count, left, video",
         ("--train_size=0", "--rl_epochs=1"): "--rl_epochs needs a finite prompt set",
-        ("--task=video", "--sft_size=0"): "--task=video has no endless stream (its media are files)",
         ("--rl_steps",): "--rl_steps needs a value",
     }
 

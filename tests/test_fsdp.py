@@ -96,7 +96,7 @@ sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 import ral, scale, sft
 cfg = ral.configure(sys.argv[1:])
 rank, world, device = scale.setup_distributed(cfg)
-sft_samples = ral.load_samples(cfg, rank, world)[0]
+sft_samples = ral.load_samples(cfg)[0]
 left, step = 3, torch.optim.AdamW.step
 def step_then_stop(self, *args, **kwargs):     # both ranks stop after SFT's 3rd step (its checkpoint is at 2)
     global left

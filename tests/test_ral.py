@@ -307,6 +307,18 @@ def test_the_endless_stream_never_repeats_and_ignores_ranks():
     assert len(images) == 150
 
 
+def test_the_video_stream_writes_its_files_under_the_run(tmp_path):
+    """The video needle streams too: each block's mp4s are written once, under the run's media folder, named by
+    their draw, so a second take (another rank, a resume) reads the same files."""
+    cfg = dict(cli.DEFAULTS, task="video", task_frames=2, out_dir=str(tmp_path), seed=1)
+    taken = tasks.offline_stream(cfg, 1)(60, 6)                      # across a block boundary
+    again = tasks.offline_stream(cfg, 1)(60, 6)
+    assert [s["video"] for s in taken] == [s["video"] for s in again] and len({s["id"] for s in taken}) == 6
+    assert all(os.path.dirname(s["video"]) == str(tmp_path / "media") and os.path.getsize(s["video"]) > 0
+               for s in taken)
+    assert not {s["id"] for s in taken} & {s["id"] for s in tasks.offline_stream(cfg, 0)(60, 6)}
+
+
 def test_an_endless_run_draws_fresh_prompts(tmp_path):
     out = tmp_path / "fresh"
     ral.main([f"--out_dir={out}", "--rl_steps=2", "--log_samples=1", *SMALL, "--train_size=0"],

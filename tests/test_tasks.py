@@ -44,7 +44,7 @@ def tally_task(n, seed, options, folder=None):
 
 
 def test_a_new_task_family_is_one_registry_entry(tmp_path, monkeypatch):
-    monkeypatch.setitem(tasks.TASKS, "tally", dict(make=tally_task, options=(("task_tokens", None),), stream=True,
+    monkeypatch.setitem(tasks.TASKS, "tally", dict(make=tally_task, options=(("task_tokens", None),),
                                                   suites=("tally-16",), about="tally the red squares"))
     drawn = []
     real = sft.sampled_accuracy
