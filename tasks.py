@@ -255,7 +255,8 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
     clutter = max(3, tokens_per_frame // 4) if clutter is None else clutter
     folder = folder or tempfile.mkdtemp(prefix="ral-video-")
     os.makedirs(folder, exist_ok=True)
-    rng = random.Random(f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}" + (f"-hold{hold}" if hold != 1 else ""))
+    name = f"video-{seed}-{frames}-{tokens_per_frame}-{clutter}" + (f"-hold{hold}" if hold != 1 else "")
+    rng = random.Random(name)   # it names the files too; hold=1: the draws from before scenes were held
     shots = -(-frames // hold)
     samples = []
     for i, letter in enumerate(_balanced_letters(rng, n)):
@@ -263,7 +264,6 @@ def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=No
         colour = OPTION_COLOURS[LETTERS.index(letter)]
         needle = rng.randrange(shots)
         scenes = [_scene(rng, side, clutter, colour, with_target=(k == needle)) for k in range(shots)]
-        name = f"video-{seed}-{frames}x{tokens_per_frame}-{clutter}" + (f"-hold{hold}" if hold != 1 else "")
         path = os.path.join(folder, f"{name}-{i}.mp4")
         if not os.path.exists(path):   # a function of the name: another rank (or run) may have written it already
             write_mp4([scenes[f // hold][0] for f in range(frames)], f"{path}.{os.getpid()}.tmp.mp4")
