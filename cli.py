@@ -253,3 +253,21 @@ def check(cfg):
          "not with --fsdp=True")
     if cfg["mini_batches"] * cfg["epochs"] < 2 and cfg["algo"] == "ral":
         print("warning: one optimizer step per rollout: the attention term has zero gradient (RAL == GRPO)")
+
+
+def plan(cfg, suite):
+    """What each stage reads, one line each. A data file given for one stage while another falls back to the offline
+    task is an easy mistake to make: the last line names it."""
+    offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
+    sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
+    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else \
+        f"{suite} (every sample)" if cfg["eval_file"] else "none (eval_n=0)"
+    lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
+             f"held out: {held_out}"]
+    used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
+    given = [k for k in used if cfg[k]]
+    missing = [k for k in used if used[k] and not cfg[k]]
+    if given and missing:
+        lines.append(f"note: --{', --'.join(given)} given but not --{', --'.join(missing)}: "
+                     f"{'that stage uses' if len(missing) == 1 else 'those stages use'} the offline task")
+    return "\n".join(lines)

@@ -27,13 +27,12 @@ import data
 import eval as evaluation
 import runs
 import tasks
-from cli import OPTIONS, UsageError, check, cli, import_function, parse
+from cli import OPTIONS, UsageError, check, cli, import_function, parse, plan
 from data import epoch_prompts, seed_for
 from tasks import offline_stream
-from model import concat_batches, encode_visuals_once, generate, load, masked_sum, policy_forward, \
-    set_attn_layer, stop_ids, take_rows, to_device, token_entropy, with_responses
-from scale import compute, gathered, load_optimizer, load_trainer_state, memory_report, newest_checkpoint, \
-    save_checkpoint, setup_distributed, shard, wrap
+from model import concat_batches, encode_visuals_once, generate, masked_sum, policy_forward, stop_ids, take_rows, \
+    to_device, token_entropy, with_responses
+from scale import compute, gathered, save_checkpoint, setup_distributed, trainer_state
 from sft import warm_start
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,79 +371,6 @@ def load_samples(cfg):
     return sft_samples, train, held_out, name
 
 
-def plan(cfg, suite):
-    """What each stage reads, one line each. A data file given for one stage while another falls back to the offline
-    task is an easy mistake to make: the last line names it."""
-    offline = lambda size: f"the offline task '{cfg['task']}' ({f'{size} samples' if size else 'an endless stream'})"
-    sft_from = cfg["sft_file"] or offline(cfg["sft_size"]) if cfg["sft_steps"] else "none (sft_steps=0)"
-    held_out = f"{suite} (at most {cfg['eval_n']} samples)" if cfg["eval_n"] else \
-        f"{suite} (every sample)" if cfg["eval_file"] else "none (eval_n=0)"
-    lines = [f"SFT:      {sft_from}", f"RL:       {cfg['train_file'] or offline(cfg['train_size'])}",
-             f"held out: {held_out}"]
-    used = dict(sft_file=cfg["sft_steps"], train_file=True, eval_file=cfg["eval_n"])
-    given = [k for k in used if cfg[k]]
-    missing = [k for k in used if used[k] and not cfg[k]]
-    if given and missing:
-        lines.append(f"note: --{', --'.join(given)} given but not --{', --'.join(missing)}: "
-                     f"{'that stage uses' if len(missing) == 1 else 'those stages use'} the offline task")
-    return "\n".join(lines)
-
-
-def trainer_state(cfg, start, rank, world, device):
-    """What the loop starts from: the policy (the RL checkpoint's weights when resuming, else `start`'s), the frozen
-    reference for Eq. 1's KL, the wrapped model that trains (DDP or FSDP), AdamW, and the step and results to go
-    on from. Returns (model, processor, ref_model, train_model, optimizer, step, results, resumed)."""
-    ckpt = os.path.join(cfg["out_dir"], "ckpt")
-    resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
-    # under FSDP both load on the CPU and reach the device shard by shard (scale.shard): no full copy per device
-    place = "cpu" if cfg["fsdp"] else device
-    ref_model = None
-    if cfg["beta"] > 0:   # the frozen reference, bf16 on GPU
-        ref_model = load(start, place, torch.bfloat16 if device.startswith("cuda") else torch.float32)[0]
-        ref_model.eval().requires_grad_(False)
-        if cfg["fsdp"]:
-            shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
-    model, processor = load(ckpt if resume else start, place, getattr(torch, cfg["dtype"]))
-    try:
-        set_attn_layer(model, cfg["attn_layer"])          # the policy's layer, before any capture
-    except ValueError as e:
-        raise UsageError(f"--attn_layer: {e}") from None
-    if ref_model is not None:   # the same frozen tower (prepare): one replica per device, not two
-        model.model.visual = ref_model.model.visual
-    if rank == 0:
-        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None, device=device))
-    if cfg["grad_checkpointing"]:
-        model.activation_checkpointing_enable(dict(use_reentrant=False))
-    train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
-    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])
-    step, results = 0, {}
-    if resume:   # optimizer, rng, step and results from the checkpoint
-        state = load_trainer_state(ckpt, rank, cfg["fsdp"])
-        load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        step, results = state["step"], json.loads(state["results"])
-    return model, processor, ref_model, train_model, optimizer, step, results, bool(resume)
-
-
-def open_logs(cfg, step, resumed, rank):
-    """metrics.jsonl and samples.jsonl (cut back to the step a resume goes on from) and, if asked, a wandb run.
-    Returns (metrics_path, samples_path, run or None)."""
-    out = cfg["out_dir"]
-    paths = [os.path.join(out, f) for f in ("metrics.jsonl", "samples.jsonl")]
-    if rank == 0:
-        for path in paths:
-            rows = open(path).readlines() if resumed and os.path.exists(path) else []
-            with open(path, "w") as f:
-                f.writelines(r for r in rows if json.loads(r)["step"] <= step)
-    run = None
-    if cfg["wandb_log"] and rank == 0:
-        import wandb    # optional: only when asked
-        run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
-                         resume="allow")
-    return *paths, run
-
-
 def step_prompts(cfg, train_samples, rank, world):
     """prompts(step) -> this rank's prompts: every rank computes the same global prompts of the step (the offline
     stream's, or the prompt file's seeded epochs) and takes its own share of whole groups."""
@@ -474,7 +400,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
     autocast = compute(cfg, device)
     model, processor, ref_model, train_model, optimizer, step, results, resumed = trainer_state(cfg, start, rank,
                                                                                                 world, device)
-    metrics_path, samples_path, run = open_logs(cfg, step, resumed, rank)
+    metrics_path, samples_path, run = runs.open_logs(cfg, step, resumed, rank)
     prompts_of = step_prompts(cfg, train_samples, rank, world)
 
     def evaluate(tag):   # every rank scores its share of the held-out samples; under FSDP with the weights

@@ -90,3 +90,21 @@ def save_eval(path, mode, suites, out=None):
     out = out or os.path.join(weights_dir(path), "eval.json")
     new = {filed_as(name, r["n"], r.get("reward")): r for name, r in suites.items()}
     write_json(dict(ckpt=path, mode=mode, suites={**stored_suites(out), **new}), out)
+
+
+def open_logs(cfg, step, resumed, rank):
+    """metrics.jsonl and samples.jsonl (cut back to the step a resume goes on from) and, if asked, a wandb run.
+    Returns (metrics_path, samples_path, run or None)."""
+    out = cfg["out_dir"]
+    paths = [os.path.join(out, f) for f in ("metrics.jsonl", "samples.jsonl")]
+    if rank == 0:
+        for path in paths:
+            rows = open(path).readlines() if resumed and os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(r for r in rows if json.loads(r)["step"] <= step)
+    run = None
+    if cfg["wandb_log"] and rank == 0:
+        import wandb    # optional: only when asked
+        run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
+                         resume="allow")
+    return *paths, run

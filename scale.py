@@ -1,8 +1,10 @@
 """
 What running at scale needs, and nothing about the method: devices and precision (bf16 compute over fp32 master
-weights), torchrun's process group, DDP or FSDP2 around the policy, and checkpoints that survive a kill. ral.py and
-distill.py call these; on one CPU process each is a no-op or a plain save.
+weights), torchrun's process group, DDP or FSDP2 around the policy, checkpoints that survive a kill, and the
+trainer's state placed, wrapped and resumed from them. ral.py and distill.py call these; on one CPU process each is
+a no-op or a plain save.
 """
+import json
 import os
 import shutil
 from contextlib import contextmanager, nullcontext
@@ -16,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from cli import UsageError
-from model import training_memory
+from model import load, set_attn_layer, training_memory
 
 # ----------------------------------------------------------------------------------------------------------------
 # Devices, precision, ranks, sharding
@@ -187,3 +189,43 @@ def load_optimizer(model, optimizer, saved, fsdp):
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the RL loop starts from
+
+def trainer_state(cfg, start, rank, world, device):
+    """What the loop starts from: the policy (the RL checkpoint's weights when resuming, else `start`'s), the frozen
+    reference for Eq. 1's KL, the wrapped model that trains (DDP or FSDP), AdamW, and the step and results to go
+    on from. Returns (model, processor, ref_model, train_model, optimizer, step, results, resumed)."""
+    ckpt = os.path.join(cfg["out_dir"], "ckpt")
+    resume = cfg["resume"] and newest_checkpoint(ckpt, rank, world)   # None: killed before it, RL starts over
+    # under FSDP both load on the CPU and reach the device shard by shard (scale.shard): no full copy per device
+    place = "cpu" if cfg["fsdp"] else device
+    ref_model = None
+    if cfg["beta"] > 0:   # the frozen reference, bf16 on GPU
+        ref_model = load(start, place, torch.bfloat16 if device.startswith("cuda") else torch.float32)[0]
+        ref_model.eval().requires_grad_(False)
+        if cfg["fsdp"]:
+            shard(ref_model, world, device)        # as memory_report counts it: 1 / world of it per device
+    model, processor = load(ckpt if resume else start, place, getattr(torch, cfg["dtype"]))
+    try:
+        set_attn_layer(model, cfg["attn_layer"])          # the policy's layer, before any capture
+    except ValueError as e:
+        raise UsageError(f"--attn_layer: {e}") from None
+    if ref_model is not None:   # the same frozen tower (prepare): one replica per device, not two
+        model.model.visual = ref_model.model.visual
+    if rank == 0:
+        print(memory_report(model, world, cfg["fsdp"], reference=ref_model is not None, device=device))
+    if cfg["grad_checkpointing"]:
+        model.activation_checkpointing_enable(dict(use_reentrant=False))
+    train_model = wrap(model, cfg, world, device)            # after it, the parameters are FSDP's shards
+    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=cfg["lr"],
+                                  weight_decay=cfg["weight_decay"])
+    step, results = 0, {}
+    if resume:   # optimizer, rng, step and results from the checkpoint
+        state = load_trainer_state(ckpt, rank, cfg["fsdp"])
+        load_optimizer(model, optimizer, state["optimizer"], cfg["fsdp"])
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        step, results = state["step"], json.loads(state["results"])
+    return model, processor, ref_model, train_model, optimizer, step, results, bool(resume)

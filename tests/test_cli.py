@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+import cli
 import distill
 import ral
 import sft
@@ -198,11 +199,11 @@ def test_the_plan_names_the_stage_that_falls_back_to_the_offline_task(tmp_path):
     rl = tmp_path / "rl.jsonl"
     rl.write_text("")
     cfg = ral.configure([f"--train_file={rl}"])
-    lines = ral.plan(cfg, "search-16").splitlines()
+    lines = cli.plan(cfg, "search-16").splitlines()
     assert lines[0] == "SFT:      the offline task 'search' (an endless stream)" and lines[1] == f"RL:       {rl}"
     assert lines[-1].startswith("note: --train_file given but not --sft_file, --eval_file")
-    assert "note" not in ral.plan(ral.configure([f"--train_file={rl}", "--sft_steps=0", "--eval_n=0"]), "x")
-    assert "note" not in ral.plan(ral.configure([]), "search-16")              # all offline: nothing to say
+    assert "note" not in cli.plan(ral.configure([f"--train_file={rl}", "--sft_steps=0", "--eval_n=0"]), "x")
+    assert "note" not in cli.plan(ral.configure([]), "search-16")              # all offline: nothing to say
 
 
 def test_the_7b_preset_evaluates_the_eval_file(tmp_path):
@@ -217,4 +218,4 @@ def test_the_7b_preset_evaluates_the_eval_file(tmp_path):
     assert len(held_out(f"--eval_file={path}", "--eval_n=2")) == 2
     assert held_out() == []
     cfg = ral.configure(["config/qwen7b_8gpu.py", f"--eval_file={path}"])
-    assert ral.plan(cfg, path).splitlines()[2] == f"held out: {path} (every sample)"
+    assert cli.plan(cfg, path).splitlines()[2] == f"held out: {path} (every sample)"
