@@ -19,7 +19,6 @@ Decoding is greedy, so a checkpoint's score on a suite is deterministic; the int
 interval of a proportion, the interval over seeds a t interval of the per-seed means.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import model as policy
 import tasks
 from tasks import EVAL_N, EVAL_SEED
 from cli import import_function
-from runs import filed_as, method_name, read_json, reward_label, run_config, run_mode, save_eval, saved_results, \
+from runs import filed_as, method_name, reward_label, run_config, run_mode, save_eval, saved_results, \
     suite_of, weights_dir
 
 SUITES = [name for task in tasks.TASKS.values() for name in task["suites"]]   # every task's standard suites
@@ -349,52 +348,8 @@ def attention_map(model, processor, sample, path, mode="think", max_new_tokens=6
     return dict(path=path, text=a["text"], grounding=a["grounding"])
 
 
-def smooth(y, width):
-    """Centered moving average over `width` points (fewer at the ends), so the first and last points stay put."""
-    y, half = np.asarray(y, dtype=float), width // 2
-    return np.array([y[max(0, i - half):i + half + 1].mean() for i in range(len(y))])
-
-
-def plot_curves(metrics_path, png_path, labels, results=None):
-    """The trainer's metrics.jsonl as one picture: a panel per metric (labels: name -> what it is, the y axis; ral.
-    METRICS and any extra) that the log has, each curve smoothed over a tenth of the run (3 steps at least), the raw
-    one faint beneath; on the accuracy panel, the held-out accuracy (greedy) before RL, at each evaluation and after
-    (results: results.json's dict; default: the results.json beside metrics.jsonl, if any). Returns the figure."""
-    rows = [json.loads(line) for line in open(metrics_path)]
-    results = read_json(os.path.join(os.path.dirname(metrics_path), "results.json")) if results is None else results
-    keys = [k for k in labels if any(k in r for r in rows)]
-    cols = min(4, len(keys))
-    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)))
-    axes = fig.subplots(math.ceil(len(keys) / cols), cols, squeeze=False).flat
-    steps = [r["step"] for r in rows]
-    for k, ax in zip(keys, axes):
-        y = [r.get(k, float("nan")) for r in rows]
-        ax.plot(steps, y, color="C0", alpha=0.25, linewidth=1)
-        ax.plot(steps, smooth(y, max(3, len(y) // 10) if len(y) >= 6 else 1), color="C0", linewidth=2)
-        ax.set_title(k, fontsize=10)
-        ax.set_ylabel(labels[k] or k, fontsize=8)
-        ax.set_xlabel("RL step")
-        if k == "accuracy":
-            held = [(0, r) for tag, r in results.items() if tag == "before_rl"] + \
-                   [(int(tag[5:]), r) for tag, r in results.items() if re.fullmatch(r"step_\d+", tag)] + \
-                   [(steps[-1], r) for tag, r in results.items() if tag == "after_rl"]
-            if held:
-                ax.plot(*zip(*[(x, r["accuracy"]) for x, r in sorted(held, key=lambda h: h[0])]), "o--", color="C3",
-                        label="held-out (greedy)")
-                ax.plot([], [], color="C0", label="rollouts (sampled)")
-                ax.legend(fontsize=7)
-    for ax in axes:   # the grid's unused panels
-        ax.remove()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints, runs and tables
-
-
-
 
 
 def load_model(ckpt, device="cpu"):
@@ -413,20 +368,6 @@ def response_tokens(path, mode):
     evaluated with), else one that fits the format."""
     return run_config(path).get("max_new_tokens") or (THINK_TOKENS if mode == "think" and path != "tiny" else
                                                       ANSWER_TOKENS)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def find_result(results, name, n=None, reward_fn=data.reward):
@@ -450,10 +391,6 @@ def evaluate_suites(model, processor, names, n=None, mode="think", batch_size=16
     return results
 
 
-
-
-
-
 def run_results(path, names, n=None, device="cpu", mode=None, **kw):
     """A run folder's results on the suites: from its eval.json where present, the missing ones evaluated now
     (and added to eval.json)."""
@@ -467,8 +404,6 @@ def run_results(path, names, n=None, device="cpu", mode=None, **kw):
         results.update(evaluate_suites(model, processor, missing, n=n, mode=mode, **kw))
         save_eval(path, mode, {s: results[s] for s in missing})
     return results
-
-
 
 
 def cell(results, metric="accuracy"):

@@ -461,7 +461,7 @@ def train(cfg, start, train_samples, held_out, suite, rank, world, device, loss_
         results["wall_time_s"] = time.time() - t_start
         runs.write_json(results, os.path.join(out, "results.json"))
         if os.path.getsize(metrics_path):
-            evaluation.plot_curves(metrics_path, os.path.join(out, "curves.png"), {**METRICS, **dict(extra_stats)})
+            runs.plot_curves(metrics_path, os.path.join(out, "curves.png"), {**METRICS, **dict(extra_stats)})
         if held_out:
             runs.save_eval(ckpt, mode, {suite: results["after_rl"]})
             b, a = results["before_rl"]["accuracy"], results["after_rl"]["accuracy"]

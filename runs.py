@@ -2,13 +2,17 @@
 A run's folder on disk: JSON written atomically, where its weights are, the trainer's config beside them, and
 eval.json, the results stored beside the weights, each under its suite and number of samples ("search-16 n=256").
 
-ral.py writes a run as <run>/ckpt (weights, eval.json) beside run_config.json, results.json and metrics.jsonl;
-eval.py, study.py and the notebooks read runs back through these functions, and accept any save_pretrained folder
+ral.py writes a run as <run>/ckpt (weights, eval.json) beside run_config.json, results.json, metrics.jsonl (opened
+by open_logs) and curves.png (plot_curves: metrics.jsonl as a picture); eval.py, study.py and the notebooks read runs back through these functions, and accept any save_pretrained folder
 (or hub id) as well.
 """
 import json
+import math
 import os
 import re
+
+import numpy as np
+from matplotlib.figure import Figure
 
 import data
 
@@ -108,3 +112,44 @@ def open_logs(cfg, step, resumed, rank):
         run = wandb.init(project=cfg["wandb_project"], name=os.path.basename(out.rstrip("/")), config=cfg, dir=out,
                          resume="allow")
     return *paths, run
+
+
+def smooth(y, width):
+    """Centered moving average over `width` points (fewer at the ends), so the first and last points stay put."""
+    y, half = np.asarray(y, dtype=float), width // 2
+    return np.array([y[max(0, i - half):i + half + 1].mean() for i in range(len(y))])
+
+
+def plot_curves(metrics_path, png_path, labels, results=None):
+    """The trainer's metrics.jsonl as one picture: a panel per metric (labels: name -> what it is, the y axis; ral.
+    METRICS and any extra) that the log has, each curve smoothed over a tenth of the run (3 steps at least), the raw
+    one faint beneath; on the accuracy panel, the held-out accuracy (greedy) before RL, at each evaluation and after
+    (results: results.json's dict; default: the results.json beside metrics.jsonl, if any). Returns the figure."""
+    rows = [json.loads(line) for line in open(metrics_path)]
+    results = read_json(os.path.join(os.path.dirname(metrics_path), "results.json")) if results is None else results
+    keys = [k for k in labels if any(k in r for r in rows)]
+    cols = min(4, len(keys))
+    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)))
+    axes = fig.subplots(math.ceil(len(keys) / cols), cols, squeeze=False).flat
+    steps = [r["step"] for r in rows]
+    for k, ax in zip(keys, axes):
+        y = [r.get(k, float("nan")) for r in rows]
+        ax.plot(steps, y, color="C0", alpha=0.25, linewidth=1)
+        ax.plot(steps, smooth(y, max(3, len(y) // 10) if len(y) >= 6 else 1), color="C0", linewidth=2)
+        ax.set_title(k, fontsize=10)
+        ax.set_ylabel(labels[k] or k, fontsize=8)
+        ax.set_xlabel("RL step")
+        if k == "accuracy":
+            held = [(0, r) for tag, r in results.items() if tag == "before_rl"] + \
+                   [(int(tag[5:]), r) for tag, r in results.items() if re.fullmatch(r"step_\d+", tag)] + \
+                   [(steps[-1], r) for tag, r in results.items() if tag == "after_rl"]
+            if held:
+                ax.plot(*zip(*[(x, r["accuracy"]) for x, r in sorted(held, key=lambda h: h[0])]), "o--", color="C3",
+                        label="held-out (greedy)")
+                ax.plot([], [], color="C0", label="rollouts (sampled)")
+                ax.legend(fontsize=7)
+    for ax in axes:   # the grid's unused panels
+        ax.remove()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    return fig

@@ -419,14 +419,14 @@ def test_curves_are_smoothed_labelled_and_mark_the_held_out_accuracy(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs.write_json(dict(before_rl=dict(accuracy=0.4), after_rl=dict(accuracy=0.7)), str(tmp_path / "results.json"))
     labels = dict(reward="reward per response", accuracy="share right", kl="k3 KL", loss="the loss")
-    fig = ev.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"), labels)
+    fig = runs.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"), labels)
     assert os.path.getsize(tmp_path / "curves.png") > 0
     assert [ax.get_title() for ax in fig.axes] == ["reward", "accuracy", "loss"]       # no kl: not in the log
     assert [ax.get_ylabel() for ax in fig.axes] == ["reward per response", "share right", "the loss"]
     assert all(ax.get_xlabel() == "RL step" for ax in fig.axes)
     raw, smoothed = fig.axes[0].lines[:2]
     y = [float(s % 3) for s in range(1, 13)]
-    assert list(raw.get_ydata()) == y and list(smoothed.get_ydata()) == list(ev.smooth(y, 3))
+    assert list(raw.get_ydata()) == y and list(smoothed.get_ydata()) == list(runs.smooth(y, 3))
     assert smoothed.get_ydata()[1] == pytest.approx(sum(y[:3]) / 3) and smoothed.get_ydata()[0] == (y[0] + y[1]) / 2
     held = fig.axes[1].lines[2]
     assert list(held.get_xdata()) == [0, 12] and list(held.get_ydata()) == [0.4, 0.7]
