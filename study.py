@@ -108,25 +108,32 @@ def run_arm(out_dir, arm, seed, extra):
 
 
 SAMPLED_CHECK = 1_000_000   # the sampling seeds' check index, apart from those of SFT's early stop (0, 1, ...)
+COLD = 0.25     # the warm start sampled colder: what sharpening alone gives, the control of RL's sampled gain
 
 
 def sampled_readings(folder):
     """The held-out accuracy of one response per sample drawn as RL draws them (sft.sampled_accuracy: the run's
     temperature, a seed per sample), of the warm start and of the weights after RL: what RL maximizes, beside the
-    greedy accuracy the study is judged by. Computed once, then read from the arm's sampled.json."""
+    greedy accuracy the study is judged by; and of the warm start at temperature COLD (before_cold): RL lowers the
+    policy's entropy, and a colder warm start shows how much of the gain that alone would give. Each computed
+    once, then read from the arm's sampled.json."""
     path = os.path.join(folder, "sampled.json")
-    if not os.path.exists(path):
-        cfg = runs.read_json(os.path.join(folder, "run_config.json"))
+    out = runs.read_json(path)
+    ckpt = os.path.join(folder, "ckpt")
+    cfg = runs.read_json(os.path.join(folder, "run_config.json"))
+    todo = {key: (weights, temperature) for key, weights, temperature in (
+        ("before", None, cfg["temperature"]), ("after", ckpt, cfg["temperature"]), ("before_cold", None, COLD))
+        if key not in out}
+    if todo:
         held_out = ral.load_samples(cfg)[2]
         reward_fn = cli.import_function(cfg["reward"]) if cfg["reward"] else data.reward
-        ckpt = os.path.join(folder, "ckpt")
-        out = dict(n=len(held_out), check=SAMPLED_CHECK)
-        for key, weights in (("before", load_trainer_state(ckpt)["ref_from"]), ("after", ckpt)):
-            model, processor = policy.load(weights)
-            out[key] = sft.sampled_accuracy(model.eval(), processor, held_out, cfg, "zero" if cfg["zero"] else "think",
-                                            SAMPLED_CHECK, reward_fn)
+        out.update(n=len(held_out), check=SAMPLED_CHECK)
+        for key, (weights, temperature) in todo.items():
+            model, processor = policy.load(weights or load_trainer_state(ckpt)["ref_from"])
+            out[key] = sft.sampled_accuracy(model.eval(), processor, held_out, dict(cfg, temperature=temperature),
+                                            "zero" if cfg["zero"] else "think", SAMPLED_CHECK, reward_fn)
         runs.write_json(out, path)
-    return runs.read_json(path)
+    return out
 
 
 def collect(out_dir, all_arms, seeds, sampled=False):
@@ -147,7 +154,8 @@ def collect(out_dir, all_arms, seeds, sampled=False):
                                  chance=r["after_rl"]["grounding_chance"]))
                 if sampled:
                     readings = sampled_readings(folder)
-                    rows[-1].update(sampled_before=readings["before"], sampled_after=readings["after"])
+                    rows[-1].update(sampled_before=readings["before"], sampled_after=readings["after"],
+                                    sampled_cold=readings["before_cold"])
     return rows
 
 
@@ -189,11 +197,14 @@ def report(rows, out_dir, command):
                      f"{g('ground_before'):.3f} -> {g('ground_after'):.3f} ({g('chance'):.3f}) | {share} |")
     if any("sampled_after" in r for r in rows):   # what RL maximizes: one sampled response per held-out sample
         lines += ["\n**Sampled accuracy** (%): one response per held-out sample drawn as RL draws them (its "
-                  "temperature, seeded), before and after RL\n",
-                  "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {' | '.join(key)} | {' | '.join(arm_cells(rows, key, 'sampled_before', 'sampled_after')[1])} |"
-                  for key in keys]
+                  f"temperature, seeded), before and after RL; the last column is the gain over the warm start "
+                  f"sampled at temperature {COLD}, what sharpening alone gives\n",
+                  "| part | setting | method | seeds | before RL | after RL | gain | vs baseline (paired) | "
+                  f"gain over the warm start at T={COLD} |", "|---|---|---|---|---|---|---|---|---|"]
+        for key in keys:
+            mine, cells = arm_cells(rows, key, "sampled_before", "sampled_after")
+            cold = interval([r["sampled_after"] - r["sampled_cold"] for r in mine.values()])
+            lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} | {cold} |")
     for part, setting in dict.fromkeys(k[:2] for k in keys):   # the evidence behind each mean: one row per seed
         methods = [m for p, s, m in keys if (p, s) == (part, setting)]
         at = {(r["method"], r["seed"]): r for r in rows if (r["part"], r["setting"]) == (part, setting)}

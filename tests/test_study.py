@@ -52,6 +52,16 @@ def test_quick_study_end_to_end(tmp_path):
     r = readings["ral"]
     assert cells[4:7] == [f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * (r['after'] - r['before']):.1f}"]
     assert cells[7] == f"{100 * (r['after'] - readings['grpo']['after']):.1f}"
+    # the sharpening control: the warm start sampled at T = COLD, the same draws for both arms
+    assert readings["grpo"]["before_cold"] == r["before_cold"] and 0 <= r["before_cold"] <= 1
+    assert cells[8] == f"{100 * (r['after'] - r['before_cold']):.1f}"
+    # an older sampled.json (no before_cold) gets the missing reading alone; what it holds is not recomputed
+    path = os.path.join(out, "core-search-16-ral-s0", "sampled.json")
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in r.items() if k != "before_cold"} | dict(after=0.125), f)
+    again = study.sampled_readings(os.path.dirname(path))
+    assert again["after"] == 0.125 and again["before_cold"] == r["before_cold"]
+    assert json.load(open(path)) == again
 
 
 def test_paired_difference_is_to_the_settings_first_arm():
