@@ -319,6 +319,21 @@ def test_the_video_stream_writes_its_files_under_the_run(tmp_path):
     assert not {s["id"] for s in taken} & {s["id"] for s in tasks.offline_stream(cfg, 0)(60, 6)}
 
 
+def test_two_ranks_drawing_one_video_block_at_once_write_the_files_one_rank_would(tmp_path):
+    """Two ranks take their shares of the same stream block at the same moment, so both write its 64 mp4s into the
+    one media folder: each file ends whole, byte for byte what a single process writes, and no temporary is left."""
+    draw = ("import sys, cli, tasks; cfg = dict(cli.DEFAULTS, task='video', task_frames=2, out_dir=sys.argv[1], "
+            "seed=1); tasks.offline_stream(cfg, 1)(int(sys.argv[2]) * 32, 32)")
+    ranks = [subprocess.Popen([sys.executable, "-c", draw, str(tmp_path / "run"), str(rank)], cwd=ROOT)
+             for rank in (0, 1)]
+    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
+    subprocess.run([sys.executable, "-c", draw, str(tmp_path / "solo"), "0"], cwd=ROOT, check=True)
+    shared, solo = (sorted(os.listdir(tmp_path / name / "media")) for name in ("run", "solo"))
+    assert shared == solo and len(solo) == 64 and all(f.endswith(".mp4") and ".tmp" not in f for f in solo)
+    for f in solo:
+        assert (tmp_path / "run" / "media" / f).read_bytes() == (tmp_path / "solo" / "media" / f).read_bytes()
+
+
 def test_an_endless_run_draws_fresh_prompts(tmp_path):
     out = tmp_path / "fresh"
     ral.main([f"--out_dir={out}", "--rl_steps=2", "--log_samples=1", *SMALL, "--train_size=0"],
