@@ -144,14 +144,24 @@ COUNTED = "red"      # the count task counts this colour; every other shape has 
 SHAPE = 18           # every shape of the relational tasks has this size, so the counted colour's area tracks the count
 
 
-def _shapes(rng, side, colours, size=SHAPE):
+def _shapes(rng, side, colours, size=SHAPE, one_per_token=False):
     """Shapes of the given colours on a white canvas, no two touching (the count task needs them apart), each
-    drawn through its own mask, so its box is exactly its pixel extent. Returns the image and the boxes."""
+    drawn through its own mask, so its box is exactly its pixel extent. one_per_token: each shape lies inside its
+    own token cell (28 px), at least 2 px from the cell's edges. Returns the image and the boxes."""
     img = Image.new("RGB", (side, side), BACKGROUND)
+    cells = side // CELL
+    if one_per_token:
+        if len(colours) > cells * cells or size > CELL - 4:
+            raise ValueError(f"cannot place {len(colours)} shapes of {size}px in {cells * cells} token cells")
+        spots = rng.sample(range(cells * cells), len(colours))
     boxes = []
-    for colour in colours:
+    for j, colour in enumerate(colours):
         for _ in range(5000):
-            x, y = rng.randrange(side - size + 1), rng.randrange(side - size + 1)
+            if one_per_token:
+                row, col = divmod(spots[j], cells)
+                x, y = col * CELL + rng.randrange(2, CELL - size - 1), row * CELL + rng.randrange(2, CELL - size - 1)
+            else:
+                x, y = rng.randrange(side - size + 1), rng.randrange(side - size + 1)
             box = (x, y, x + size, y + size)
             if not any(_overlap(box, b, margin=2) for b in boxes):
                 break
@@ -167,7 +177,10 @@ def _shapes(rng, side, colours, size=SHAPE):
 def count_task(n, seed=0, tokens=16, clutter=None):
     """Counting (relational: the answer is a property of several objects together): 1 to 4 red shapes among
     `clutter` shapes of other colours (default max(3, tokens // 8)), "how many red shapes are there?", options
-    A. 1 ... D. 4 (balanced). Target boxes: the red shapes, every one the answer depends on."""
+    A. 1 ... D. 4 (balanced). Each shape lies inside its own visual token (28 px), so the count is the number of
+    red tokens: shapes placed anywhere straddled tokens, and the tiny regime's RL only sharpened the warm start's
+    off-by-one confusions (docs/study/issue20.md, section 7). Target boxes: the red shapes, every one the answer
+    depends on."""
     side = math.isqrt(tokens) * CELL
     if side * side != tokens * CELL * CELL:
         raise ValueError(f"tokens must be a perfect square, got {tokens}")
@@ -180,7 +193,7 @@ def count_task(n, seed=0, tokens=16, clutter=None):
         k = LETTERS.index(letter) + 1
         colours = [COUNTED] * k + [rng.choice(others) for _ in range(clutter)]
         rng.shuffle(colours)
-        img, boxes = _shapes(rng, side, colours)
+        img, boxes = _shapes(rng, side, colours, one_per_token=True)
         targets = [b for b, c in zip(boxes, colours) if c == COUNTED]
         samples.append(dict(id=f"count-{tokens}-{seed}-{i}", question=f"How many {COUNTED} shapes are there?\n"
                             + "\n".join(options), options=options, answer=letter, problem_type="multiple choice",

@@ -152,6 +152,10 @@ def test_count_task_target_boxes_are_the_counted_shapes(tokens):
         # k separate red shapes: the boxes do not touch, and every non-white pixel is a palette colour
         boxes = s["target"]["boxes"]
         assert not any(tasks._overlap(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
+        # each red shape inside its own visual token (28 px cell), so the count is the number of red tokens
+        cells = [(x0 // 28, y0 // 28) for x0, y0, x1, y1 in boxes]
+        assert all(((x1 - 1) // 28, (y1 - 1) // 28) == c for (x0, y0, x1, y1), c in zip(boxes, cells))
+        assert len(set(cells)) == k
         colours = {tuple(v) for v in img.reshape(-1, 3)}
         assert colours <= {tasks.BACKGROUND} | set(tasks.PALETTE.values())
 
