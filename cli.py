@@ -120,7 +120,8 @@ OPTIONS = dict(   # name: (default, meaning)
     task=("search", "offline task when no data files are given, one of tasks.TASKS: " + "; ".join(
         f"'{name}' ({t['about']})" for name, t in tasks.TASKS.items())),
     task_tokens=(16, "visual tokens per image (search) or per frame (video)"),
-    task_frames=(8, "frames per video (video task)"),
+    task_frames=(4, "frames per video (video task; 4 x 16 = 32 visual tokens: at 8 frames, 64 tokens, the tiny "
+                       "regime's RL gains nothing, docs/study/issue20.md section 6)"),
     train_size=(0, "offline RL prompts (0: an endless stream, every prompt fresh, none seen twice)"),
     sft_size=(0, "offline SFT samples (0: an endless stream, fresh every step); equal to train_size: the same set"),
     sft_file=("", "SFT data set (data.py's Video-R1 layout, JSON or JSONL) instead of the offline task"),

@@ -59,7 +59,7 @@ def arms(parts):
     if "sizes" in parts:
         for tokens in (64, 256):
             out += pair("sizes", f"search-{tokens}", [f"--task_tokens={tokens}"])
-        out += pair("sizes", "video-4", ["--task=video", "--task_frames=4"])   # 8 frames: the tasks part's video
+        out += pair("sizes", "video-8", ["--task=video", "--task_frames=8"])   # 4 frames: the tasks part's video
     if "tasks" in parts:    # every other family of the task registry (tasks.TASKS), at its default options
         for task in tasks.TASKS:
             if task != "search":

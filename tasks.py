@@ -259,7 +259,7 @@ def write_mp4(frames, path, fps=1):
         container.mux(stream.encode())  # flush
 
 
-def video_task(n, seed=0, frames=8, folder=None, tokens_per_frame=16, clutter=None, hold=2):
+def video_task(n, seed=0, frames=4, folder=None, tokens_per_frame=16, clutter=None, hold=2):
     """Video needle: `frames` cluttered frames at 1 fps, one mp4 per sample. Each scene is held for `hold` frames
     (2: a shot per temporal patch, as consecutive frames of a real video look alike; 1: a new scene every frame) and
     the star is in exactly one scene. tokens_per_frame sets the frame size (sqrt*28 px square) and so the tokens of
