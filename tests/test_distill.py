@@ -97,8 +97,9 @@ def test_a_few_steps_lower_the_attention_jsd(pair):
 
 
 def test_gamma_zero_is_exactly_the_kd_baseline(pair):
-    """With gamma_attn = 0 the update is bit-for-bit L_RL + mu * reverse KL, written out here on its own (no
-    attention capture); gamma_attn > 0 changes it."""
+    """With gamma_attn = 0 the update is L_RL + mu * reverse KL, written out here on its own (no attention
+    capture), to float rounding: distill_loss goes through the capturing forward, whose reductions may round
+    differently on another CPU (seen: the logged loss off by 2e-8); gamma_attn > 0 changes it by far more."""
     student, teacher, processor, cfg, _ = pair
     torch.manual_seed(0)
     mbs = ral.rollout(student, None, processor, tasks.search_task(2, seed=1, tokens=16), cfg, "think", 0, 0,
@@ -119,8 +120,10 @@ def test_gamma_zero_is_exactly_the_kd_baseline(pair):
         records = ral.update(model, opt, mbs, loss, 2, 1, 1.0, world=1)
         final[name], losses[name] = params(model), [r["loss"] for r in records]
     assert (final["kd"] - params(student)).abs().max() > 1e-3
-    assert losses["gamma0"] == losses["kd"] and torch.equal(final["gamma0"], final["kd"])
-    assert losses["gamma"] != losses["kd"] and not torch.equal(final["gamma"], final["kd"])
+    loss_gap = lambda name: max(abs(a - b) for a, b in zip(losses[name], losses["kd"]))
+    param_gap = lambda name: (final[name] - final["kd"]).abs().max().item()
+    assert loss_gap("gamma0") < 1e-6 and param_gap("gamma0") < 1e-7, (loss_gap("gamma0"), param_gap("gamma0"))
+    assert loss_gap("gamma") > 1e-2 and param_gap("gamma") > 1e-6, (loss_gap("gamma"), param_gap("gamma"))
 
 
 def test_teacher_on_another_dtype(pair):
