@@ -134,6 +134,8 @@ OPTIONS = dict(   # name: (default, meaning)
                        "keeps them frozen); 0: frozen in both stages, as the paper"),
     sft_stop=(0.4, "> 0: end SFT at the first validation check whose sampled accuracy (temperature, as RL samples) "
                    "reaches this, so the warm start lands at a chosen competence whatever the seed"),
+    sft_cooldown=(0, "SFT steps after the stop fires, the rate falling linearly to zero so the warm start settles "
+                     "(stopped at the peak rate, a half-trained model's greedy answer swings from step to step)"),
     sft_val_every=(25, "SFT steps between validation checks (with sft_stop)"),
     sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's); with"
                     " --sft_file, min(this, 10% of the file) of its records, held out of SFT"),
@@ -242,6 +244,7 @@ def check(cfg):
          or os.path.exists(os.path.join(cfg["out_dir"], "run_config.json")),     # started, killed before a checkpoint
          f"--resume=True but there is no checkpoint in {ckpt}")
     need(cfg["sft_val_every"] >= 1 and cfg["sft_val_n"] >= 1, "--sft_val_every and --sft_val_n must be positive")
+    need(cfg["sft_cooldown"] >= 0, f"--sft_cooldown must be >= 0, got {cfg['sft_cooldown']}")
     need(not cfg["rl_epochs"] or cfg["train_size"] or cfg["train_file"], "--rl_epochs needs a finite prompt set: "
          "--train_size=0 is an endless stream")
     need(cfg["init_from"] != "tiny" or -cfg["tiny_layers"] <= cfg["attn_layer"] < cfg["tiny_layers"],

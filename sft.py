@@ -96,7 +96,9 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
         first, log = state["step"], json.loads(state["log"])
     bar = tqdm(range(first, cfg["sft_steps"]), desc="sft", disable=rank != 0, initial=first, total=cfg["sft_steps"])
     for step in bar:
-        if val and step and step % cfg["sft_val_every"] == 0:   # the same on every rank: same weights, same seeds
+        if step == log["steps"]:      # the cooldown after the stop is done
+            break
+        if val and "stopped_at" not in log and step and step % cfg["sft_val_every"] == 0:   # same on every rank
             raw.eval()
             with gathered(raw):     # FSDP: the weights gathered once for the check's generates, not per token
                 accuracy = sampled_accuracy(raw, processor, val, cfg, mode, step, reward_fn)
@@ -105,10 +107,16 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
             if rank == 0:
                 bar.write(f"sft: step {step}, sampled validation accuracy {accuracy:.3f} (stop at {cfg['sft_stop']})")
             if accuracy >= cfg["sft_stop"]:
-                log["steps"] = step
-                break
-        # each lr step: linear warmup then cosine decay, so the small model settles
+                log["stopped_at"], log["steps"] = step, min(cfg["sft_steps"], step + cfg["sft_cooldown"])
+                if step == log["steps"]:
+                    break
+                bar.total = log["steps"]
+        # each lr step: linear warmup then cosine decay, so the small model settles; after the stop, a linear
+        # cooldown to zero: stopped at the peak rate, the greedy answer of a half-trained model swings by tens of
+        # points from one check to the next, so the warm start would be a draw from that swing
         scale = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
+        if "stopped_at" in log:
+            scale *= (log["steps"] - step) / (log["steps"] - log["stopped_at"])
         for group in opt.param_groups:
             group["lr"] = group["peak"] * scale
         if stream:
@@ -136,15 +144,16 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
         bar.set_postfix(loss=f"{loss:.3f}")
-        if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < cfg["sft_steps"]:
+        if ckpt and cfg["sft_ckpt_every"] and (step + 1) % cfg["sft_ckpt_every"] == 0 and step + 1 < log["steps"]:
             save_checkpoint(ckpt, raw, processor, opt, dict(stage="sft", step=step + 1, sampler=g.get_state(),
                                                             log=json.dumps(log),
                                                             recipe=json.dumps(warm_recipe(cfg, reward_fn))),
                             rank)
     if rank == 0 and cfg["sft_stop"]:
-        stopped = "stopped at" if log["steps"] < cfg["sft_steps"] else "did not reach it in"
+        stopped = f"stopped at step {log['stopped_at']}, cooled down to step {log['steps']}" \
+            if "stopped_at" in log else f"did not reach it in {log['steps']} steps"
         print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
-              f" (target {cfg['sft_stop']}), {stopped} {log['steps']} steps")
+              f" (target {cfg['sft_stop']}), {stopped}")
     return log
 
 
@@ -153,7 +162,7 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
              "sft_batch", "sft_lr", "sft_tower_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
              "compute_dtype")
-STOP_KEYS = ("sft_val_every", "sft_val_n", "temperature", "max_new_tokens")   # they matter only with sft_stop
+STOP_KEYS = ("sft_val_every", "sft_val_n", "sft_cooldown", "temperature", "max_new_tokens")   # they matter only with sft_stop
 
 
 # The code SFT's result depends on: the offline tasks (tasks.py), data sets, prompts and batches (data.py), the model

@@ -1,6 +1,7 @@
 """The trainer: an end-to-end run, RAL == GRPO with one optimizer step per rollout, DDP on 2 processes, resume."""
 import copy
 import json
+import math
 import os
 import random
 import subprocess
@@ -353,15 +354,54 @@ def test_warmup_raises_the_lr_linearly(tmp_path, monkeypatch):
 
 
 def test_sft_stops_at_the_first_check_that_samples_the_target(monkeypatch):
-    """sft_stop: validation every sft_val_every steps; the first sampled accuracy >= the target ends SFT there."""
+    """sft_stop: validation every sft_val_every steps; the first sampled accuracy >= the target stops the checks
+    there, and sft_cooldown more steps take the rate linearly from where the schedule had it down to zero."""
     seen = iter([0.1, 0.3, 0.5, 0.9])
     monkeypatch.setattr(sft, "sampled_accuracy", lambda *args: next(seen))
+    rates, real_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a: rates.append(self.param_groups[0]["lr"])
+                        or real_step(self, *a))
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
     cfg = dict(cli.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=4, sft_size=0,
-               task_tokens=16)
+               task_tokens=16, sft_cooldown=4)
     log = sft.sft(model, processor, None, cfg, "zero", "cpu")
-    assert log == dict(steps=9, checks=[dict(step=3, sampled_accuracy=0.1), dict(step=6, sampled_accuracy=0.3),
-                                        dict(step=9, sampled_accuracy=0.5)])
+    assert log == dict(steps=13, stopped_at=9, checks=[dict(step=3, sampled_accuracy=0.1),
+                                                       dict(step=6, sampled_accuracy=0.3),
+                                                       dict(step=9, sampled_accuracy=0.5)])
+    schedule = [cfg["sft_lr"] * min(1, (k + 1) / 20) * 0.5 * (1 + math.cos(math.pi * k / 50)) for k in range(13)]
+    assert rates == pytest.approx(schedule[:9] + [schedule[k] * (13 - k) / 4 for k in range(9, 13)])
+    # without a cooldown SFT ends at the stop, as before
+    seen = iter([0.1, 0.3, 0.5, 0.9])
+    assert sft.sft(model, processor, None, dict(cfg, sft_cooldown=0), "zero", "cpu")["steps"] == 9
+
+
+def test_sft_killed_in_its_cooldown_continues_exactly(tmp_path, monkeypatch):
+    """SFT that dies inside the cooldown (the stop fired at step 3, its checkpoint is at step 4) and is started
+    again continues from the checkpoint with the stop's step, so the cooled-down rates and the weights equal an
+    uninterrupted SFT's; no check runs after the stop."""
+    checks = []
+    monkeypatch.setattr(sft, "sampled_accuracy", lambda model, processor, val, cfg, mode, check, *a:
+                        checks.append(check) or (0.5 if check >= 3 else 0.1))
+    cfg = dict(cli.DEFAULTS, sft_steps=50, sft_batch=2, sft_stop=0.45, sft_val_every=3, sft_val_n=2, sft_size=0,
+               task_tokens=16, tiny_layers=1, tiny_hidden=64, sft_cooldown=4, sft_ckpt_every=2)
+    whole = sft.warm_start(dict(cfg, out_dir=str(tmp_path / "a" / "run")), None, "zero", "cpu", 0, 1)
+    assert checks == [3] and json.load(open(os.path.join(whole, "sft_log.json")))["steps"] == 7
+    real_step, done = torch.optim.AdamW.step, []
+
+    def dies_after_five(self, *args):
+        real_step(self, *args)
+        done.append(1)
+        if len(done) == 5:
+            raise RuntimeError("killed")
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies_after_five)
+    split_cfg = dict(cfg, out_dir=str(tmp_path / "b" / "run"))
+    with pytest.raises(RuntimeError, match="killed"):
+        sft.warm_start(split_cfg, None, "zero", "cpu", 0, 1)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    split = sft.warm_start(split_cfg, None, "zero", "cpu", 0, 1)
+    assert checks == [3, 3]                                         # the continued run did not check again
+    a, b = params_of(whole), params_of(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sampled_accuracy_at_a_tiny_temperature_is_the_greedy_accuracy():
@@ -495,9 +535,9 @@ def test_sft_file_early_stop_holds_out_a_slice_never_trained_on(tmp_path, monkey
         [s["id"] for s in val]) or next(seen))
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
     cfg = dict(cli.DEFAULTS, sft_file=str(path), sft_steps=50, sft_batch=8, sft_stop=0.5, sft_val_every=3,
-               sft_val_n=128)
+               sft_val_n=128, sft_cooldown=2)
     log = sft.sft(model, processor, samples, cfg, "zero", "cpu")
-    assert log["steps"] == 6 and [c["sampled_accuracy"] for c in log["checks"]] == [0.2, 0.6]   # the stop fired
+    assert log["stopped_at"] == 6 and log["steps"] == 8 and [c["sampled_accuracy"] for c in log["checks"]] == [0.2, 0.6]   # the stop fired
     assert len(validated) == 2 and validated[0] == validated[1] and len(validated[0]) == 4      # 10% of 40
     assert trained and not set(trained) & set(validated[0])                 # never trained on
     assert len(set(trained)) > 20                                           # the other 36 are
@@ -543,9 +583,9 @@ def test_a_custom_reward_reaches_the_sft_stop():
 
     model, processor = build_tiny(layers=1, hidden=64, seed=0)
     cfg = dict(cli.DEFAULTS, sft_steps=50, sft_batch=2, sft_val_every=2, sft_val_n=3, sft_size=0, task_tokens=16,
-               max_new_tokens=4)
+               max_new_tokens=4, sft_cooldown=0)
     log = sft.sft(model, processor, None, cfg, "zero", "cpu", reward_fn=always_right)
-    assert log == dict(steps=2, checks=[dict(step=2, sampled_accuracy=1.0)]) and len(seen) == 3
+    assert log == dict(steps=2, stopped_at=2, checks=[dict(step=2, sampled_accuracy=1.0)]) and len(seen) == 3
     assert sft.warm_recipe(cfg, always_right) != sft.warm_recipe(cfg)     # another stop: another warm start
 
 
@@ -561,10 +601,11 @@ def test_reward_option_reaches_sft_rl_and_eval(tmp_path, capsys):
     (tmp_path / "rewards.py").write_text(REWARDS)
     spec = f"--reward={tmp_path / 'rewards.py'}:always_right"
     out = tmp_path / "run"
-    results = ral.main([f"--out_dir={out}", *SMALL[1:], "--sft_steps=4", "--sft_batch=2", "--sft_val_every=2",
-                        "--sft_val_n=2", "--rl_steps=1", "--eval_n=3", spec])
+    results = ral.main([f"--out_dir={out}", *SMALL[1:], "--sft_steps=5", "--sft_batch=2", "--sft_val_every=2",
+                        "--sft_val_n=2", "--sft_cooldown=2", "--rl_steps=1", "--eval_n=3", spec])
     warm, = tmp_path.glob("warm-*")
-    assert json.load(open(warm / "sft_log.json"))["steps"] == 2                   # stopped at the first check
+    log = json.load(open(warm / "sft_log.json"))
+    assert log["stopped_at"] == 2 and log["steps"] == 4       # stopped at the first check, then 2 cooldown steps
     assert results["before_rl"]["accuracy"] == results["after_rl"]["accuracy"] == 1.0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert rows[0]["accuracy"] == 1.0
