@@ -27,7 +27,7 @@ from model import build_tiny, generate, to_device
 
 STEPS, PROMPTS, G = 8, 4, 8
 CFG = dict(cli.DEFAULTS, algo="grpo", group_size=G, max_new_tokens=8, temperature=1.0, lr=1e-3, beta=0.04,
-           mini_batches=2, epochs=1, sft_steps=100, sft_batch=8, sft_lr=3e-3, sft_stop=0, seed=0)   # all 100 steps
+           mini_batches=2, epochs=1, sft_steps=100, sft_batch=8, sft_lr=3e-3, seed=0)
 
 
 def answer_is(letter):
