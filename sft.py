@@ -64,7 +64,8 @@ def validation_split(samples, n):
 
 def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None, state=None, reward_fn=data.reward):
     """Supervised steps on the rationale + answer (samples; None: the offline task's endless stream). With
-    sft_stop, ends at the first validation check that samples at least that accuracy: on sft_val_n draws of the
+    sft_stop, stops at the first validation check that samples at least that accuracy (then, with sft_cooldown,
+    that many more steps at a rate falling linearly to zero): on sft_val_n draws of the
     offline task with their own seed, or, with --sft_file, on validation_split's slice of the file, never trained
     on. Returns the log of checks.
     ckpt: where to checkpoint every sft_ckpt_every steps; state: the trainer state of one to continue from (the
@@ -111,9 +112,9 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
                 if step == log["steps"]:
                     break
                 bar.total = log["steps"]
-        # each lr step: linear warmup then cosine decay, so the small model settles; after the stop, a linear
-        # cooldown to zero: stopped at the peak rate, the greedy answer of a half-trained model swings by tens of
-        # points from one check to the next, so the warm start would be a draw from that swing
+        # each lr step: linear warmup then cosine decay, so the small model settles; after a stop, the cooldown
+        # takes it linearly to zero (at the peak rate a half-trained model's greedy answer swings by tens of points
+        # from one check to the next: docs/study/issue20.md, section 8)
         scale = min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg["sft_steps"]))
         if "stopped_at" in log:
             scale *= (log["steps"] - step) / (log["steps"] - log["stopped_at"])
@@ -150,8 +151,9 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
                                                             recipe=json.dumps(warm_recipe(cfg, reward_fn))),
                             rank)
     if rank == 0 and cfg["sft_stop"]:
-        stopped = f"stopped at step {log['stopped_at']}, cooled down to step {log['steps']}" \
-            if "stopped_at" in log else f"did not reach it in {log['steps']} steps"
+        stopped = f"did not reach it in {log['steps']} steps" if "stopped_at" not in log else \
+            f"stopped at step {log['stopped_at']}" + (f", cooled down to step {log['steps']}"
+                                                      if log["steps"] > log["stopped_at"] else "")
         print(f"sft: sampled validation accuracy {log['checks'][-1]['sampled_accuracy'] if log['checks'] else 0:.3f}"
               f" (target {cfg['sft_stop']}), {stopped}")
     return log
@@ -162,7 +164,7 @@ def sft(model, processor, samples, cfg, mode, device, rank=0, world=1, ckpt=None
 WARM_KEYS = ("init_from", "tiny_layers", "tiny_hidden", "zero", "task", "sft_size", "sft_file", "sft_steps",
              "sft_batch", "sft_lr", "sft_tower_lr", "sft_stop", "weight_decay", "grad_clip", "seed", "dtype",
              "compute_dtype")
-STOP_KEYS = ("sft_val_every", "sft_val_n", "sft_cooldown", "temperature", "max_new_tokens")   # they matter only with sft_stop
+STOP_KEYS = ("sft_val_every", "sft_val_n", "sft_cooldown", "temperature", "max_new_tokens")   # only with sft_stop
 
 
 # The code SFT's result depends on: the offline tasks (tasks.py), data sets, prompts and batches (data.py), the model
