@@ -15,6 +15,7 @@ by the token count (AdamW and the gradient clip undo a global scale) and when th
 """
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,7 +91,9 @@ def test_grpo_learns_an_output_only_reward(warm):
     model, rewards = grpo(warm, answer_is("C"))
     after = share_of(model, warm[1], "C", warm[2])
     assert after >= 0.7 and after >= before + 0.3, (before, after, rewards)
-    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.2, rewards   # the rollouts' own reward rose
+    # the rollouts' own reward rose: the median of the second half (one step can dip at lr 1e-3: on one CPU count's
+    # step 7 fell to 0.03 between 0.84 and 0.66) against the first two steps
+    assert float(np.median(rewards[STEPS // 2:])) > sum(rewards[:2]) / 2 + 0.2, rewards
 
 
 def test_flipped_advantage_unlearns(warm):
