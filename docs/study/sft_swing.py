@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import data      # noqa: E402  (the project's modules, from the repository root)
+import eval as evaluation   # noqa: E402
 import ral       # noqa: E402
 import sft       # noqa: E402
-from model import generate, to_device   # noqa: E402
 
 FIRST, LAST, EVERY = 100, 250, 10
 
@@ -29,14 +29,9 @@ class Done(Exception):
 
 
 def greedy_accuracy(model, processor, samples, cfg, mode):
-    hits = []
-    for i in range(0, len(samples), 16):
-        chunk = samples[i:i + 16]
-        batch, _ = data.encode(chunk, processor, mode)
-        response, _ = generate(model, processor, to_device(batch, model.device), cfg["max_new_tokens"], greedy=True)
-        texts = processor.tokenizer.batch_decode(response, skip_special_tokens=True)
-        hits += [data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, chunk)]
-    return sum(hits) / len(hits)
+    texts = [t for i in range(0, len(samples), 16) for t in evaluation.respond(
+        model, processor, samples[i:i + 16], mode, cfg["max_new_tokens"], attention=False)["texts"]]
+    return sum(data.reward(t, s, mode)["accuracy"] for t, s in zip(texts, samples)) / len(samples)
 
 
 def trace(task, seed, out_dir):
