@@ -41,11 +41,19 @@ def unknown(key, known):
 
 
 def parse(argv, options, doc):
-    """The config: defaults, then each config file, then each --key=value, in order. --help prints and exits."""
+    """The config: defaults (a task family's own recipe over them: tasks.TASKS), then each config file, then each
+    --key=value, in order. --help prints and exits."""
     if any(a in ("-h", "--help") for a in argv):
         print(usage(options, doc))
         sys.exit(0)
-    cfg = {k: default for k, (default, _) in options.items()}
+    defaults = {k: default for k, (default, _) in options.items()}
+    cfg = read(argv, dict(defaults))
+    recipe = {k: v for k, v in tasks.TASKS.get(cfg.get("task"), {}).get("recipe", {}).items() if k in cfg}
+    return read(argv, {**defaults, **recipe}) if recipe else cfg
+
+
+def read(argv, cfg):
+    """Each config file, then each --key=value, over cfg."""
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -140,7 +148,7 @@ OPTIONS = dict(   # name: (default, meaning)
     sft_val_n=(128, "validation samples, drawn from the offline task with their own seed (never the held-out's); with"
                     " --sft_file, min(this, 10% of the file) of its records, held out of SFT"),
     warm_dir=("", "where the warm start lives; '' = beside out_dir, named by its recipe"),
-    rl_steps=(60, "stage 2: RL steps (one rollout each)"),
+    rl_steps=(60, "stage 2: RL steps (one rollout each; --task=count: 120, its own recipe in tasks.TASKS)"),
     rl_epochs=(0.0, "if > 0: RL passes over the prompts instead of rl_steps (steps = epochs x prompts / "
                     "prompts_per_step, rounded up)"),
     prompts_per_step=(16, "prompts per RL step over all ranks (each gets group_size responses)"),

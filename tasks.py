@@ -299,6 +299,7 @@ def video_task(n, seed=0, frames=4, folder=None, tokens_per_frame=16, clutter=No
 #   make(n, seed, options, folder) -> n samples, a function of (n, seed, options); folder: where media files go
 #   options: ((ral.py option, the suite name's default or None), ...), the options it reads, in suite-name order
 #   suites:  its standard held-out suites (eval.py evaluates them all by default)
+#   recipe:  (optional) trainer defaults of its own, below any config file or --key=value (cli.parse)
 
 # The held-out draw of every offline suite, owned here: eval.py's suites and ral.py's eval_n default both read it.
 EVAL_SEED = 10_000      # held out: the trainer draws its tasks from small seeds and the streams (STREAM_SEED)
@@ -312,6 +313,9 @@ TASKS = dict(
                 about="one image: the colour of the one star among distractors"),
     count=dict(make=lambda n, seed, o, folder=None: count_task(n, seed=seed, tokens=o["task_tokens"]),
                options=(("task_tokens", None),), suites=("count-16", "count-64"),
+               # an ordinal answer: RL first sharpens the warm start's off-by-one confusions and corrects them
+               # only later, so 60 steps stop halfway (docs/study/issue20.md, section 9)
+               recipe=dict(rl_steps=120),
                about="one image: how many red shapes (1-4) among shapes of other colours"),
     left=dict(make=lambda n, seed, o, folder=None: left_task(n, seed=seed, tokens=o["task_tokens"]),
               options=(("task_tokens", None),), suites=("left-16", "left-64"),

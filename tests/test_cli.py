@@ -11,6 +11,7 @@ import cli
 import distill
 import ral
 import sft
+import tasks
 from helpers import spread_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,20 @@ def test_config_file_then_overrides(tmp_path):
     preset.write_text("rl_stepz = 7\n")
     with pytest.raises(ral.UsageError, match="did you mean --rl_steps"):
         ral.configure([str(preset)])
+
+
+def test_a_task_familys_recipe_sits_between_the_defaults_and_the_users_settings(tmp_path):
+    family = tasks.TASKS["count"]["recipe"]
+    assert family["rl_steps"] != cli.DEFAULTS["rl_steps"]
+    assert ral.configure(["--task=count"])["rl_steps"] == family["rl_steps"]
+    assert ral.configure(["--task=search"])["rl_steps"] == cli.DEFAULTS["rl_steps"]
+    assert ral.configure(["--task=count", "--rl_steps=5"])["rl_steps"] == 5          # --key=value wins
+    preset = tmp_path / "preset.py"
+    preset.write_text("task = 'count'\n")                                              # a config file's task too
+    assert ral.configure([str(preset)])["rl_steps"] == family["rl_steps"]
+    preset.write_text("task = 'count'\nrl_steps = 7\n")
+    assert ral.configure([str(preset)])["rl_steps"] == 7
+    assert ral.configure([str(preset), "--task=search"])["rl_steps"] == 7
 
 
 def test_warm_start_is_named_by_its_whole_recipe(tmp_path):
