@@ -42,7 +42,8 @@ def unknown(key, known):
 
 def parse(argv, options, doc):
     """The config: defaults (a task family's own recipe over them: tasks.TASKS), then each config file, then each
-    --key=value, in order. --help prints and exits."""
+    --key=value, in order; read twice where the family has a recipe, since which family is known only after the
+    user's settings. --help prints and exits."""
     if any(a in ("-h", "--help") for a in argv):
         print(usage(options, doc))
         sys.exit(0)
