@@ -15,10 +15,11 @@ frames; at 8 it is the tasks part's video arm), lambda (lambda_attn 10 and 100, 
 (RAL vs GRPO on every other task family of tasks.TASKS, at its default options and recipe), mechanism (the
 gradient probe on every step: optimizer steps per rollout 2 / 4 / 8, lambda_attn 1 / 10 / 100, the policy's layer
 final vs first, depth 1 / 2 / 4; the report's last column is the attention term's mean share of the update).
-Every arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed shared by all arms
-of the same task; an arm whose results.json exists is never re-run and one killed mid-RL continues from its last
-checkpoint (--resume=True), so an interrupted study resumes. The report is written from the runs' own results.json
-and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and curves.png in out_dir.
+Every arm is one `python ral.py` (or `distill.py`) run in out_dir/<arm>-s<seed>, from the warm start of its seed
+shared by all arms of the same task; an arm whose results.json exists is never re-run and one killed mid-RL
+continues from its last checkpoint (--resume=True), so an interrupted study resumes. The report is written from the
+runs' own results.json and metrics.jsonl: report.md (the tables), accuracy_vs_tokens.png, grounding.png and
+curves.png in out_dir.
 """
 import argparse
 import json
