@@ -314,7 +314,7 @@ TASKS = dict(
     count=dict(make=lambda n, seed, o, folder=None: count_task(n, seed=seed, tokens=o["task_tokens"]),
                options=(("task_tokens", None),), suites=("count-16", "count-64"),
                # an ordinal answer: RL first sharpens the warm start's off-by-one confusions and corrects them
-               # only later, so 60 steps stop halfway (docs/study/issue20.md, section 9)
+               # later; at 60 steps strong warm starts had not got there (docs/study/issue20.md, sections 7, 9)
                recipe=dict(rl_steps=120),
                about="one image: how many red shapes (1-4) among shapes of other colours"),
     left=dict(make=lambda n, seed, o, folder=None: left_task(n, seed=seed, tokens=o["task_tokens"]),
